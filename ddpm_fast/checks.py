@@ -1,0 +1,99 @@
+"""Input checks shared by the reference and the fast paths: each raises one clear ValueError/TypeError
+that names the problem and the fix, instead of a shape error from deep inside torch."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "check_image_batch",
+    "check_like",
+    "check_timesteps_per_sample",
+    "check_variance",
+    "resolve_timesteps",
+    "VARIANCES",
+]
+
+VARIANCES = ("fixed_large", "fixed_small")
+
+
+def check_image_batch(x, name: str = "x") -> None:
+    """x must be a floating-point (B, C, H, W) tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"{name} must be a 4-D (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def check_like(y, x: torch.Tensor, name: str, ref_name: str = "x") -> None:
+    """y must be a floating-point tensor with x's shape (the dtype may differ)."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
+    if tuple(y.shape) != tuple(x.shape):
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(x.shape)}, got {tuple(y.shape)}")
+    if not y.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {y.dtype}")
+
+
+def check_timesteps_per_sample(t, batch_size: int, num_timesteps: int, device=None) -> torch.Tensor:
+    """Turn ``t`` (an int, or an integer tensor of shape (B,) or ()) into an int64 (B,) tensor.
+
+    Raises a ValueError naming the problem when t is out of 0..T-1 or has the wrong batch size.
+    The range check reads the values, so it syncs a CUDA tensor; fast loops that must not sync
+    validate their timestep lists once up front instead.
+    """
+    if isinstance(t, bool):
+        raise TypeError("t must be an int or an integer tensor, got a bool")
+    if isinstance(t, int):
+        if not 0 <= t < num_timesteps:
+            raise ValueError(f"t={t} is out of range: timestep indices run over 0..{num_timesteps - 1}")
+        return torch.full((batch_size,), t, dtype=torch.int64, device=device)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be an int or an integer tensor, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"t must hold integer timestep indices, got dtype {t.dtype}")
+    if t.ndim == 0:
+        t = t.expand(batch_size)
+    if t.ndim != 1 or t.shape[0] != batch_size:
+        raise ValueError(f"t must have one entry per sample (shape ({batch_size},)), got shape {tuple(t.shape)}")
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= num_timesteps:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"t={bad} is out of range: timestep indices run over 0..{num_timesteps - 1}")
+    return t.to(dtype=torch.int64, device=device if device is not None else t.device)
+
+
+def check_variance(variance: str) -> str:
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}: use one of {', '.join(VARIANCES)}")
+    return variance
+
+
+def resolve_timesteps(timesteps, num_timesteps: int) -> list[int]:
+    """The descending list of timestep indices a sampler visits.
+
+    None: all of T-1..0. An int n: diffusers' "leading" spacing, arange(n) * (T // n) reversed
+    (n = 50 of T = 1000 gives 980, 960, ..., 0). A sequence: used as given, after checking it is
+    strictly descending and inside 0..T-1.
+    """
+    if timesteps is None:
+        return list(range(num_timesteps - 1, -1, -1))
+    if isinstance(timesteps, bool):
+        raise TypeError("timesteps must be None, an int or a descending list of ints")
+    if isinstance(timesteps, int):
+        if not 1 <= timesteps <= num_timesteps:
+            raise ValueError(f"timesteps={timesteps} must lie in 1..{num_timesteps} (the number of sampling steps)")
+        stride = num_timesteps // timesteps
+        return [k * stride for k in range(timesteps - 1, -1, -1)]
+    if isinstance(timesteps, torch.Tensor):
+        timesteps = timesteps.tolist()
+    steps = [int(s) for s in timesteps]
+    if not steps:
+        raise ValueError("timesteps is empty: give at least one timestep index")
+    if any(a <= b for a, b in zip(steps, steps[1:])):
+        raise ValueError("timesteps must be strictly descending (e.g. [999, 749, 499, 249, 0])")
+    if steps[0] >= num_timesteps or steps[-1] < 0:
+        raise ValueError(f"timesteps must lie in 0..{num_timesteps - 1}, got {steps[0]}..{steps[-1]}")
+    return steps

@@ -1,0 +1,246 @@
+"""The oracle: plain eager PyTorch, the DDPM equations line by line, no fusion, no tricks.
+
+Every fast path in ddpm_fast is tested against these functions. Conventions:
+
+- images are NCHW tensors with data in [-1, 1];
+- ``t`` is a timestep *index* 0..T-1 (t = 0 is the paper's t = 1), an int or an int64 (B,) tensor;
+- the schedule's tables are float64; coefficients are gathered in float64 and the arithmetic runs in
+  float64 for float64 inputs and in float32 otherwise (half inputs are upcast, the result cast back).
+  Feed float64 tensors to get the oracle's full precision.
+
+Paper equations (Ho et al. 2020), with ab_t = alphas_cumprod[t], a_t = alphas[t]:
+
+- q_sample      (eq. 4):  x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps
+- predict_x0    (eq. 15): x0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)
+- reverse_step  (Alg. 2): x_{t-1} = (x_t - (1 - a_t) / sqrt(1 - ab_t) eps) / sqrt(a_t) + sigma_t z
+- training_loss (Alg. 1): || eps - eps_theta(sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t) ||^2
+- sample        (Alg. 2): x_T ~ N(0, I), then reverse_step down to t = 0 (z = 0 at the last step)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .checks import (
+    check_image_batch,
+    check_like,
+    check_timesteps_per_sample,
+    check_variance,
+    resolve_timesteps,
+)
+from .schedule import NoiseSchedule
+
+__all__ = ["q_sample", "predict_x0", "reverse_step", "ddim_step", "training_loss", "sample"]
+
+
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _coef(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """table[t] as a (B, 1, 1, 1) tensor on like's device, in the working dtype."""
+    return table[t.cpu()].to(device=like.device, dtype=_work_dtype(like)).view(-1, 1, 1, 1)
+
+
+def q_sample(x0: torch.Tensor, t, noise: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """Forward noising: x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise.
+
+    x0, noise: (B, C, H, W) float. t: int or int64 (B,). Returns x_t in x0's dtype.
+    """
+    check_image_batch(x0, "x0")
+    check_like(noise, x0, "noise", "x0")
+    t = check_timesteps_per_sample(t, x0.shape[0], schedule.num_timesteps)
+    w = _work_dtype(x0)
+    sqrt_ab = _coef(schedule.alphas_cumprod.sqrt(), t, x0)
+    sqrt_one_minus_ab = _coef((1.0 - schedule.alphas_cumprod).sqrt(), t, x0)
+    x_t = sqrt_ab * x0.to(w) + sqrt_one_minus_ab * noise.to(w)
+    return x_t.to(x0.dtype)
+
+
+def predict_x0(x_t: torch.Tensor, t, eps: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """The x0 implied by x_t and a noise estimate: x0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t).
+
+    x_t, eps: (B, C, H, W) float. t: int or int64 (B,). Returns x0 in x_t's dtype.
+    """
+    check_image_batch(x_t, "x_t")
+    check_like(eps, x_t, "eps", "x_t")
+    t = check_timesteps_per_sample(t, x_t.shape[0], schedule.num_timesteps)
+    w = _work_dtype(x_t)
+    sqrt_ab = _coef(schedule.alphas_cumprod.sqrt(), t, x_t)
+    sqrt_one_minus_ab = _coef((1.0 - schedule.alphas_cumprod).sqrt(), t, x_t)
+    x0 = (x_t.to(w) - sqrt_one_minus_ab * eps.to(w)) / sqrt_ab
+    return x0.to(x_t.dtype)
+
+
+def _sigma(schedule: NoiseSchedule, variance: str) -> torch.Tensor:
+    """sigma_t for every t: sqrt(beta_t) ("fixed_large") or sqrt(posterior variance) ("fixed_small")."""
+    if check_variance(variance) == "fixed_large":
+        return schedule.betas.sqrt()
+    return schedule.posterior_variance.sqrt()
+
+
+def reverse_step(
+    x_t: torch.Tensor,
+    t,
+    eps: torch.Tensor,
+    schedule: NoiseSchedule,
+    noise: torch.Tensor | None,
+    variance: str = "fixed_large",
+    clip_x0: bool = False,
+) -> torch.Tensor:
+    """One ancestral step x_t -> x_{t-1} (Ho et al., Algorithm 2, line 4).
+
+    clip_x0=False: x_{t-1} = (x_t - (1 - a_t) / sqrt(1 - ab_t) eps) / sqrt(a_t) + sigma_t z.
+    clip_x0=True: the posterior mean through a predicted x0 clipped to [-1, 1] (Ho's and diffusers'
+    sampling default): mean = sqrt(ab_{t-1}) beta_t / (1 - ab_t) x0 + sqrt(a_t) (1 - ab_{t-1}) / (1 - ab_t) x_t.
+    Without clipping both forms are the same mean.
+
+    x_t, eps: (B, C, H, W) float; noise: z of the same shape, or None for z = 0. t: int or int64 (B,).
+    variance: "fixed_large" (sigma^2 = beta_t) or "fixed_small" (sigma^2 = posterior variance).
+    Samples with t = 0 get no noise. Returns x_{t-1} in x_t's dtype.
+    """
+    check_image_batch(x_t, "x_t")
+    check_like(eps, x_t, "eps", "x_t")
+    if noise is not None:
+        check_like(noise, x_t, "noise", "x_t")
+    sigma_table = _sigma(schedule, variance)
+    t = check_timesteps_per_sample(t, x_t.shape[0], schedule.num_timesteps)
+    w = _work_dtype(x_t)
+    x = x_t.to(w)
+    e = eps.to(w)
+
+    a = _coef(schedule.alphas, t, x)
+    ab = _coef(schedule.alphas_cumprod, t, x)
+    if clip_x0:
+        ab_prev = _coef(schedule.alphas_cumprod_prev, t, x)
+        beta = _coef(schedule.betas, t, x)
+        x0 = ((x - (1.0 - ab).sqrt() * e) / ab.sqrt()).clamp(-1.0, 1.0)
+        mean = ab_prev.sqrt() * beta / (1.0 - ab) * x0 + a.sqrt() * (1.0 - ab_prev) / (1.0 - ab) * x
+    else:
+        mean = (x - (1.0 - a) / (1.0 - ab).sqrt() * e) / a.sqrt()
+
+    if noise is None:
+        return mean.to(x_t.dtype)
+    sigma = _coef(sigma_table, t, x)
+    nonzero = (t > 0).to(device=x.device, dtype=w).view(-1, 1, 1, 1)  # no noise at the last step
+    return (mean + nonzero * sigma * noise.to(w)).to(x_t.dtype)
+
+
+def ddim_step(
+    x_t: torch.Tensor,
+    t,
+    eps: torch.Tensor,
+    schedule: NoiseSchedule,
+    noise: torch.Tensor | None,
+    eta: float = 0.0,
+    clip_x0: bool = False,
+) -> torch.Tensor:
+    """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12), with prev = t - 1 on ``schedule``.
+
+    x0 = predict_x0(x_t, eps), optionally clipped to [-1, 1], in which case eps is recomputed from the
+    clipped x0 (diffusers' DDIMScheduler with use_clipped_model_output=True). Then
+    s = eta sqrt((1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev)) and
+    x_{t-1} = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - s^2) eps + s z, with ab_prev = 1 below t = 0.
+    Shapes and dtypes as in :func:`reverse_step`.
+    """
+    check_image_batch(x_t, "x_t")
+    check_like(eps, x_t, "eps", "x_t")
+    if noise is not None:
+        check_like(noise, x_t, "noise", "x_t")
+    if not float(eta) >= 0.0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    t = check_timesteps_per_sample(t, x_t.shape[0], schedule.num_timesteps)
+    w = _work_dtype(x_t)
+    x = x_t.to(w)
+    e = eps.to(w)
+
+    ab = _coef(schedule.alphas_cumprod, t, x)
+    ab_prev = _coef(schedule.alphas_cumprod_prev, t, x)
+    x0 = (x - (1.0 - ab).sqrt() * e) / ab.sqrt()
+    if clip_x0:
+        x0 = x0.clamp(-1.0, 1.0)
+        e = (x - ab.sqrt() * x0) / (1.0 - ab).sqrt()
+    s = eta * ((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev)).sqrt()
+    x_prev = ab_prev.sqrt() * x0 + (1.0 - ab_prev - s**2).clamp(min=0.0).sqrt() * e
+    if noise is not None:
+        x_prev = x_prev + s * noise.to(w)
+    return x_prev.to(x_t.dtype)
+
+
+def training_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, generator: torch.Generator | None = None):
+    """Ho et al.'s simple loss (Algorithm 1) for one batch: a 0-dim tensor.
+
+    Draws t ~ U{0..T-1} and eps ~ N(0, I) (from ``generator`` if given, on the generator's device),
+    forms x_t with :func:`q_sample` and returns mean((eps - model(x_t, t))^2).
+    x0: (B, C, H, W) float in [-1, 1]. model: callable (x_t, t int64 (B,)) -> eps (B, C, H, W).
+    """
+    check_image_batch(x0, "x0")
+    draw_device = generator.device if generator is not None else x0.device
+    t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=generator, device=draw_device)
+    eps = torch.randn(x0.shape, generator=generator, device=draw_device, dtype=x0.dtype)
+    t, eps = t.to(x0.device), eps.to(x0.device)
+    x_t = q_sample(x0, t, eps, schedule)
+    eps_pred = model(x_t, t)
+    return F.mse_loss(eps_pred.float(), eps.float())
+
+
+@torch.no_grad()
+def sample(
+    model,
+    schedule: NoiseSchedule,
+    shape,
+    generator: torch.Generator | None = None,
+    variance: str = "fixed_large",
+    clip_x0: bool = False,
+    timesteps=None,
+    eta: float | None = None,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+    noise_fn=None,
+) -> torch.Tensor:
+    """The full ancestral sampling loop (Ho et al., Algorithm 2): x_T ~ N(0, I), then T reverse steps.
+
+    shape: (B, C, H, W). model: callable (x, t int64 (B,)) -> eps. timesteps: None (all T steps), an int
+    (that many steps, diffusers' leading spacing) or a strictly descending list; a shorter list runs on
+    the respaced schedule (beta' = 1 - ab_t / ab_prev between listed steps). eta: None for DDPM
+    ancestral steps, a float for DDIM. Noise is drawn in DDPMPipeline's order (x_T first, then one z per
+    step except the last) from ``generator`` on its own device. Returns x_0 (B, C, H, W) in ``dtype``.
+
+    noise_fn: optional ``noise_fn(noise_step: int, shape) -> tensor`` replacing the generator draws,
+    called with noise_step = T for x_T and with the model timestep t for the z added after visiting t
+    (ddpm_fast's seed-keyed noise convention, so the oracle can be fed the fast sampler's exact noise).
+    """
+    check_variance(variance)
+    if len(shape) != 4:
+        raise ValueError(f"shape must be (B, C, H, W), got {tuple(shape)}")
+    steps = resolve_timesteps(timesteps, schedule.num_timesteps)
+    device = torch.device(device) if device is not None else _model_device(model)
+    draw_device = generator.device if generator is not None else device
+    respaced = schedule if len(steps) == schedule.num_timesteps else schedule.respaced(steps)
+
+    def draw(noise_step: int) -> torch.Tensor:
+        if noise_fn is not None:
+            return noise_fn(noise_step, tuple(shape)).to(device=device, dtype=dtype)
+        return torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype).to(device)
+
+    x = draw(schedule.num_timesteps)
+    for k, t in enumerate(steps):
+        j = len(steps) - 1 - k  # this step's index on the respaced schedule (t itself when not respaced)
+        t_batch = torch.full((shape[0],), t, dtype=torch.int64, device=device)
+        eps = model(x, t_batch).to(dtype)
+        z = None
+        if j > 0:
+            z = draw(t)
+        if eta is None:
+            x = reverse_step(x, j, eps, respaced, z, variance=variance, clip_x0=clip_x0)
+        else:
+            x = ddim_step(x, j, eps, respaced, z, eta=eta, clip_x0=clip_x0)
+    return x
+
+
+def _model_device(model) -> torch.device:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
