@@ -1,0 +1,520 @@
+"""FastSampler: ancestral (DDPM) and DDIM sampling as fast as the hardware allows, same images as the oracle.
+
+Follow one image from noise to pixels:
+
+1. Its seed (a uint32) keys all of its noise: x_T = noise(seed, step T), and the z added at the step that
+   visits model timestep t is noise(seed, step t) (Philox, ``ddpm_fast.philox`` / ``kernels.random``).
+   So an image depends on its seed alone, never on its batch or position in it.
+2. The sampler keeps a batch of such images in static buffers (x in float32, channels-last), a step
+   counter on the device and a coefficient table (``coefficients.reverse_table``, one row per step).
+3. One step = eps = U-Net(x, t) under autocast (bf16 on CUDA) with t read from the device, then the fused
+   reverse update ``kernels.reverse_update`` (x0, clip, posterior mean, in-kernel noise: one launch),
+   then counter += 1. On CUDA that step is captured once as a CUDA graph and replayed S times; nothing
+   in the loop talks to the host.
+4. After the last step x is x_0 in [-1, 1]; ``(x + 1) / 2`` makes pixels (see ``pipeline.py``).
+
+Every optimisation is a switch (compile, cuda_graph, fused_update, embedding_table, channels_last,
+dtype), so a benchmark can show what each one buys; every combination computes the same images up to
+float rounding. On the CPU the GPU-only ones are off and the same code runs eagerly (the CI path).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from . import coefficients as coef
+from . import ops, philox
+from .checks import check_variance, resolve_timesteps
+from .schedule import NoiseSchedule
+
+__all__ = ["FastSampler", "reverse_update_torch"]
+
+SEED_LIMIT = 2**32  # seeds are uint32: the low half of the Philox key
+DEFAULT_BATCH_SIZE = 256
+AUTOCAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _step_noise(seeds: torch.Tensor, step: torch.Tensor, shape) -> torch.Tensor:
+    """The seed-keyed z of one step: (B, *shape) float32, image b keyed by (seeds[b], step[b]).
+
+    seeds, step: int64 (B,) device tensors. Unlike ``ops.seeded_noise`` this reads no values on the
+    host (no range checks), so it can be captured in a CUDA graph.
+    """
+    numel = 1
+    for size in shape:
+        numel *= size
+    return philox.seeded_normal(seeds, step, numel).view(seeds.shape[0], *shape)
+
+
+def reverse_update_torch(x_t, eps, table, row, noise=None, clip=None) -> torch.Tensor:
+    """The torch twin of ``kernels.reverse_update`` (unfused: a handful of element-wise ops).
+
+    x_t: (B, C, H, W) float32; eps: same shape, any float dtype; table: (S, 8) float32 on x_t's device
+    (``coefficients`` layout); row: int64 (1,) device tensor (the step counter); noise: z of x_t's shape
+    or None (z = 0); clip: None or r > 0 to clamp the predicted x0 to [-r, r]. Returns x_prev, float32.
+    """
+    c = table.index_select(0, row).view(-1, coef.NUM_COLUMNS, 1, 1, 1).unbind(1)  # each (1, 1, 1, 1)
+    e = eps.float()
+    x0 = x_t * c[coef.SQRT_RECIP_AB] - e * c[coef.SQRT_RECIPM1_AB]
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    x_prev = c[coef.C_X0] * x0 + c[coef.C_XT] * x_t + c[coef.C_EPS] * e
+    if noise is not None:
+        x_prev = x_prev + c[coef.SIGMA] * noise
+    return x_prev
+
+
+@dataclass
+class _Run:
+    """Static state of one batch geometry: the buffers a captured graph reads and writes.
+
+    A CUDA graph records tensor addresses, so these buffers live as long as the run and are refilled,
+    never replaced. graphs maps a number of steps to the graph that performs that many steps.
+    """
+
+    x: torch.Tensor  # (B, C, H, W) float32 current sample, compute memory format
+    x_next: torch.Tensor  # (B, C, H, W) float32 the update's output, copied back into x
+    seeds: torch.Tensor  # (B,) int64 per-image noise keys
+    noise: torch.Tensor | None  # (B, C, H, W) float32 z from a torch.Generator, else None (seed-keyed)
+    counter: torch.Tensor  # (1,) int64 index of the current table row (the step), advanced on device
+    graphs: dict = field(default_factory=dict)
+    pool: object = None  # CUDA graph memory pool shared by this run's graphs
+    eager: bool = False  # capture failed: replay the same step eagerly
+
+    @property
+    def batch(self) -> int:
+        return self.x.shape[0]
+
+
+class FastSampler:
+    """Sample images from an eps-prediction model with a compiled, CUDA-graph-captured loop.
+
+    model: a ``ddpm_fast.UNet``, a diffusers ``UNet2DModel`` or any callable ``model(x, t) -> eps``
+    (x (B, C, H, W) float, t int64 (B,); outputs with ``.sample`` or tuples are unwrapped). nn.Modules
+    are deep-copied: the sampler never changes the caller's model (eval mode, memory format, tables).
+    schedule: the ``NoiseSchedule`` the model was trained with.
+    timesteps: None (all T steps), an int n (n steps, diffusers' leading spacing) or a descending list.
+    variance: "fixed_large" (sigma^2 = beta, Ho's CIFAR-10 choice) or "fixed_small" (posterior variance).
+    clip_x0: False, True (clamp the predicted x0 to [-1, 1]) or a range r > 0 (clamp to [-r, r]).
+    eta: None for DDPM ancestral steps, a float >= 0 for DDIM (0 = deterministic).
+    dtype: autocast dtype of the model: None = bfloat16 on CUDA, float32 on CPU. The sample itself and
+        the update math stay float32.
+    channels_last: run the model and keep x in channels-last memory format (tensor cores like NHWC).
+    compile: None = torch.compile on CUDA only; True/False forces it; a string picks the mode. On CUDA
+        the default mode is "max-autotune-no-cudagraphs" (the sampler captures graphs itself).
+    cuda_graph: capture the step as a CUDA graph and replay it (CUDA only).
+    steps_per_graph: how many steps one graph holds (fewer replays, bigger graphs).
+    fused_update: the Triton reverse-update kernel with in-kernel noise (CUDA; on the CPU only under
+        TRITON_INTERPRET=1 with DDPM_FAST_BACKEND=triton); False = the torch twin.
+    embedding_table: for models with ``precompute_time_embeddings`` (ddpm_fast.UNet), precompute every
+        resblock's time projection for all T timesteps once.
+    device: where to sample; None = the model's device.
+    image_shape: (C, H, W); None = read from ``model.config`` (sample_size, in_channels).
+    """
+
+    def __init__(
+        self,
+        model,
+        schedule: NoiseSchedule,
+        *,
+        timesteps=None,
+        variance: str = "fixed_large",
+        clip_x0: bool | float = False,
+        eta: float | None = None,
+        dtype: torch.dtype | None = None,
+        channels_last: bool = True,
+        compile: bool | str | None = None,
+        cuda_graph: bool = True,
+        steps_per_graph: int = 1,
+        fused_update: bool = True,
+        embedding_table: bool = True,
+        device=None,
+        image_shape=None,
+    ):
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule must be a ddpm_fast.NoiseSchedule, got {type(schedule).__name__}")
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(x, t) -> eps, got {type(model).__name__}")
+        self.schedule = schedule
+        self.variance = check_variance(variance)
+        self.clip = _clip_range(clip_x0)
+        if eta is not None and not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and eta >= 0):
+            raise ValueError(f"eta must be None (DDPM) or a float >= 0 (DDIM), got {eta!r}")
+        self.eta = None if eta is None else float(eta)
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        on_cuda = self.device.type == "cuda"
+        self.image_shape = _image_shape(model, image_shape)
+
+        self.dtype = dtype if dtype is not None else (torch.bfloat16 if on_cuda else torch.float32)
+        if self.dtype not in AUTOCAST_DTYPES:
+            raise ValueError(f"dtype must be one of float32, bfloat16, float16 (the autocast dtype), got {self.dtype}")
+        if not isinstance(steps_per_graph, int) or isinstance(steps_per_graph, bool) or steps_per_graph < 1:
+            raise ValueError(f"steps_per_graph must be an int >= 1, got {steps_per_graph!r}")
+        self.channels_last = bool(channels_last)
+        self.cuda_graph = bool(cuda_graph) and on_cuda
+        self.steps_per_graph = steps_per_graph
+        self.update_backend = _update_backend(self.device, fused_update)
+        self.compile_mode = _compile_mode(compile, on_cuda)
+
+        self.model = self._prepare_model(model, embedding_table)
+        self._predict_eps = self._eps_function()
+        self._runs: dict = {}
+        self.set_timesteps(timesteps)
+
+    # -- preparation (once) -------------------------------------------------------------------------
+    def _prepare_model(self, model, embedding_table: bool):
+        """Our own copy of the model: eval mode, on the device, channels-last, time table if it has one."""
+        if not isinstance(model, torch.nn.Module):
+            self.embedding_table = False
+            return model
+        model = copy.deepcopy(model).eval().requires_grad_(False).to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.embedding_table = bool(embedding_table) and hasattr(model, "precompute_time_embeddings")
+        if self.embedding_table:
+            model.precompute_time_embeddings(self.schedule.num_timesteps)
+        return model
+
+    def _eps_function(self):
+        """eps = model(x, t) under autocast, unwrapped to a tensor; compiled when asked."""
+        model, device_type = self.model, self.device.type
+        use_autocast = self.dtype != torch.float32
+
+        def predict_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            # cache_enabled=False: autocast's weight-cast cache must not outlive a graph capture
+            with torch.autocast(device_type, dtype=self.dtype, enabled=use_autocast, cache_enabled=False):
+                out = model(x, t)
+            if hasattr(out, "sample"):  # diffusers' UNet2DOutput
+                out = out.sample
+            elif isinstance(out, (tuple, list)):
+                out = out[0]
+            return out
+
+        if self.compile_mode is None:
+            return predict_eps
+        # dynamic=False: one specialised graph per batch size (each batch size gets its own capture anyway)
+        return torch.compile(predict_eps, mode=self.compile_mode, dynamic=False)
+
+    def set_timesteps(self, timesteps=None) -> None:
+        """Choose the visited timesteps (None, an int count or a descending list); drops cached captures."""
+        self._set_steps(resolve_timesteps(timesteps, self.schedule.num_timesteps))
+
+    def _set_steps(self, steps: list[int], last_sigma: float | None = None) -> None:
+        """Build the coefficient table for ``steps``. last_sigma overrides the noise std of the last
+        step (0 by default): diffusers' scheduler adds noise at the last step whenever its t > 0."""
+        table = coef.reverse_table(self.schedule, steps, self.variance, self.clip is not None, self.eta)
+        if last_sigma is not None:
+            table[-1, coef.SIGMA] = float(last_sigma)
+        self.timesteps = list(steps)
+        self.table = table.to(device=self.device, dtype=torch.float32)  # (S, 8), read on device each step
+        self._t_steps = torch.tensor(steps, dtype=torch.int64, device=self.device)  # (S,) model timesteps
+        self._draws_noise = (table[:, coef.SIGMA] != 0).tolist()  # which steps consume a generator draw
+        self.clear_cache()
+
+    def clear_cache(self) -> None:
+        """Forget every captured graph and its static buffers (they hold device memory)."""
+        self._runs.clear()
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def settings(self) -> dict:
+        """What is actually switched on (after CPU/GPU resolution): for benchmarks and logs."""
+        return {
+            "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+            "channels_last": self.channels_last, "compile": self.compile_mode, "cuda_graph": self.cuda_graph,
+            "steps_per_graph": self.steps_per_graph, "update": self.update_backend,
+            "embedding_table": self.embedding_table, "steps": self.num_steps, "variance": self.variance,
+            "clip_x0": self.clip, "eta": self.eta,
+        }
+
+    def __repr__(self) -> str:
+        return f"FastSampler({', '.join(f'{k}={v!r}' for k, v in self.settings.items())})"
+
+    # -- sampling -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int | None = None, seeds=None, batch_size: int | None = None, generator=None,
+               clamp: bool = True) -> torch.Tensor:
+        """Generate images: (N, C, H, W) float32 on the sampler's device, in [-1, 1] when clamp=True.
+
+        seeds: N uint32 seeds (list, range or int64 tensor); image i is a pure function of seeds[i], at
+            any batch size. None: n seeds drawn from torch's global RNG (torch.manual_seed repeats them).
+        generator: instead of seeds, a torch.Generator (or a list of N) drawing noise in DDPMPipeline's
+            order: x_T = randn((N, C, H, W)), then one z per noisy step, on the generator's device. The
+            N images then form one batch (the draw order couples them).
+        batch_size: images per step (default min(N, 256)); a short last batch is padded, not recompiled.
+        clamp: clamp the final x_0 to [-1, 1] (the oracle returns it unclamped).
+        """
+        if generator is not None:
+            if seeds is not None:
+                raise ValueError("give seeds (seed-keyed noise) or generator (DDPMPipeline's noise), not both")
+            out = self._sample_with_generator(_check_count(n), generator)
+        else:
+            out = self._sample_seeded(_resolve_seeds(n, seeds), batch_size)
+        return out.clamp_(-1.0, 1.0) if clamp else out
+
+    def _sample_seeded(self, seeds: torch.Tensor, batch_size) -> torch.Tensor:
+        total = seeds.shape[0]
+        batch = min(_check_batch_size(batch_size), total)
+        # NaN-filled so a slot the loop failed to write can never pass as an image
+        out = torch.full((total, *self.image_shape), float("nan"), dtype=torch.float32, device=self.device)
+        for start in range(0, total, batch):
+            chunk = seeds[start:start + batch]
+            # pad a short last batch with copies of its last seed: images are independent, so the extra
+            # rows are discarded and the batch keeps its compiled graph and capture
+            padded = torch.cat([chunk, chunk[-1:].expand(batch - chunk.shape[0])])
+            run = self._run_for(batch, generator_noise=False)
+            run.seeds.copy_(padded)
+            x_T = ops.seeded_noise(run.seeds, self.schedule.num_timesteps, self.image_shape,
+                                   backend=self.update_backend)  # noise step T
+            run.x.copy_(x_T)
+            self._denoise(run)
+            out[start:start + chunk.shape[0]] = run.x[:chunk.shape[0]]
+        return out
+
+    def _sample_with_generator(self, n: int, generator) -> torch.Tensor:
+        draw = _generator_draw(generator, (n, *self.image_shape), self.device)
+        run = self._run_for(n, generator_noise=True)
+        run.x.copy_(draw())  # x_T: the first draw, as DDPMPipeline makes it
+        self._denoise(run, draw=draw)  # then one draw before each noisy step
+        return run.x.contiguous().clone()
+
+    def _denoise(self, run: _Run, draw=None) -> None:
+        """Run every step on run.x in place. draw: None (seed-keyed noise) or a function returning the
+        next generator draw, copied into run.noise before each noisy step."""
+        run.counter.zero_()
+        if draw is not None:  # a host-side draw before each step: one step per replay
+            for noisy in self._draws_noise:
+                if noisy:
+                    run.noise.copy_(draw(), non_blocking=True)
+                self._replay(run, 1)
+            return
+        steps_left = self.num_steps
+        while steps_left:
+            chunk = min(self.steps_per_graph, steps_left)
+            self._replay(run, chunk)
+            steps_left -= chunk
+
+    def _replay(self, run: _Run, steps: int) -> None:
+        """Perform ``steps`` steps: replay their captured graph, or run the step eagerly."""
+        graph = run.graphs.get(steps) if self.cuda_graph and not run.eager else None
+        if graph is None and self.cuda_graph and not run.eager:
+            graph = self._capture(run, steps)
+        if graph is not None:
+            graph.replay()
+        else:
+            for _ in range(steps):
+                self._step(run)
+
+    def _step(self, run: _Run) -> None:
+        """One denoising step on the static buffers; reads the step from run.counter (graph-safe)."""
+        t = self._t_steps.index_select(0, run.counter).expand(run.batch)  # (B,) int64, on device
+        eps = self._predict_eps(run.x, t)
+        if self.update_backend == "triton":
+            from . import kernels
+
+            seeds = None if run.noise is not None else run.seeds
+            kernels.reverse_update(run.x, eps, self.table, run.counter, out=run.x_next, seeds=seeds,
+                                   noise=run.noise, clip=self.clip)
+        else:
+            z = run.noise if run.noise is not None else _step_noise(run.seeds, t, self.image_shape)
+            run.x_next.copy_(reverse_update_torch(run.x, eps, self.table, run.counter, z, self.clip))
+        run.x.copy_(run.x_next)
+        run.counter.add_(1)
+
+    # -- static buffers and CUDA graphs ---------------------------------------------------------------
+    def _run_for(self, batch: int, generator_noise: bool) -> _Run:
+        """The cached static state for this batch size and noise source (made on first use)."""
+        key = (batch, *self.image_shape, self.dtype, generator_noise)
+        run = self._runs.get(key)
+        if run is None:
+            fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+
+            def image_buffer() -> torch.Tensor:
+                return torch.zeros((batch, *self.image_shape), dtype=torch.float32, device=self.device
+                                   ).contiguous(memory_format=fmt)
+
+            run = _Run(x=image_buffer(), x_next=image_buffer(),
+                       seeds=torch.zeros(batch, dtype=torch.int64, device=self.device),
+                       noise=image_buffer() if generator_noise else None,
+                       counter=torch.zeros(1, dtype=torch.int64, device=self.device))
+            self._check_model_output(run)
+            self._runs[key] = run
+        return run
+
+    def _check_model_output(self, run: _Run) -> None:
+        """One eager forward on the zero buffers: a clear error for a model of the wrong shape."""
+        eps = self._predict_eps(run.x, self._t_steps[:1].expand(run.batch))
+        if not isinstance(eps, torch.Tensor) or tuple(eps.shape) != tuple(run.x.shape):
+            got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
+            raise ValueError(f"the model must return eps of the input's shape {tuple(run.x.shape)}, got {got} "
+                             "(models predicting a learned variance or v are not supported)")
+
+    def _capture(self, run: _Run, steps: int):
+        """Capture ``steps`` steps as one CUDA graph (after warm-up), or fall back to eager steps."""
+        # warm-up and capture must leave the sample where it was (x_T is already in place)
+        saved_x, saved_counter = run.x.clone(), run.counter.clone()
+        if run.pool is None:
+            # warm-up on a side stream (torch's recipe): compiles, autotunes, allocates workspaces
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    run.counter.zero_()  # stay inside the table however short it is
+                    self._step(run)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            run.pool = torch.cuda.graph_pool_handle()
+            run.counter.copy_(saved_counter)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=run.pool):
+                for _ in range(steps):
+                    self._step(run)
+        except Exception as err:  # never silently wrong: warn and replay the same step eagerly
+            warnings.warn(f"CUDA graph capture failed ({type(err).__name__}: {err}); sampling eagerly",
+                          RuntimeWarning, stacklevel=3)
+            run.eager = True
+            graph = None
+        # capture records kernels without running them, but a failed capture may have run some: restore
+        run.x.copy_(saved_x)
+        run.counter.copy_(saved_counter)
+        if graph is not None:
+            run.graphs[steps] = graph
+        return graph
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+def _clip_range(clip_x0) -> float | None:
+    if clip_x0 is None or clip_x0 is False:
+        return None
+    if clip_x0 is True:
+        return 1.0
+    if isinstance(clip_x0, (int, float)) and float(clip_x0) > 0:
+        return float(clip_x0)
+    raise ValueError(f"clip_x0 must be False, True or a range r > 0 (clamp x0 to [-r, r]), got {clip_x0!r}")
+
+
+def _model_device(model) -> torch.device:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def _image_shape(model, image_shape) -> tuple[int, int, int]:
+    """(C, H, W) from the argument or from model.config (ddpm_fast and diffusers configs both work)."""
+    if image_shape is None:
+        config = getattr(model, "config", None)
+        size, channels = getattr(config, "sample_size", None), getattr(config, "in_channels", None)
+        if size is None or channels is None:
+            raise ValueError("cannot read the image size from the model (no config.sample_size/in_channels): "
+                             "pass image_shape=(C, H, W)")
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        image_shape = (channels, height, width)
+    shape = tuple(image_shape)
+    if len(shape) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
+        raise ValueError(f"image_shape must be three positive ints (C, H, W), got {image_shape!r}")
+    return shape
+
+
+def _update_backend(device: torch.device, fused_update: bool) -> str:
+    """"triton" (the fused kernel) or "torch" (its unfused twin) for this device."""
+    if not fused_update:
+        return "torch"
+    requested = os.environ.get("DDPM_FAST_BACKEND", "auto")
+    if requested not in ("auto", "torch", "triton"):
+        raise ValueError(f"DDPM_FAST_BACKEND={requested!r} is unknown: use auto, torch or triton")
+    if requested == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if requested == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError("DDPM_FAST_BACKEND=triton on the CPU needs TRITON_INTERPRET=1 (set before importing triton)")
+    return requested
+
+
+def _compile_mode(compile, on_cuda: bool) -> str | None:
+    """The torch.compile mode, or None for eager."""
+    if compile is None:
+        compile = on_cuda
+    if isinstance(compile, str):
+        return compile
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be None, a bool or a torch.compile mode string, got {compile!r}")
+    if not compile:
+        return None
+    # the sampler captures its own CUDA graphs: inductor's would nest inside ours
+    return "max-autotune-no-cudagraphs" if on_cuda else "default"
+
+
+def _check_count(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n (the number of images) must be an int >= 1, got {n!r}")
+    return n
+
+
+def _check_batch_size(batch_size) -> int:
+    if batch_size is None:
+        return DEFAULT_BATCH_SIZE
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    return batch_size
+
+
+def _resolve_seeds(n, seeds) -> torch.Tensor:
+    """The (N,) int64 CPU seed tensor from ``seeds`` or, when None, n seeds from torch's global RNG."""
+    if seeds is None:
+        if n is None:
+            raise ValueError("give n (how many images) or seeds (one uint32 per image)")
+        return torch.randint(0, SEED_LIMIT, (_check_count(n),), dtype=torch.int64)
+    if isinstance(seeds, torch.Tensor):
+        if seeds.is_floating_point() or seeds.dtype == torch.bool or seeds.ndim != 1:
+            raise TypeError(f"seeds must be a 1-D integer tensor, got dtype {seeds.dtype} shape {tuple(seeds.shape)}")
+        seeds = seeds.detach().to("cpu", torch.int64)
+    else:
+        try:
+            values = [int(s) for s in seeds]
+        except (TypeError, ValueError):
+            raise TypeError(f"seeds must be a sequence of ints, got {seeds!r}") from None
+        seeds = torch.tensor(values, dtype=torch.int64)
+    if seeds.numel() == 0:
+        raise ValueError("seeds is empty: give at least one seed")
+    if n is not None and _check_count(n) != seeds.numel():
+        raise ValueError(f"n={n} but {seeds.numel()} seeds were given: pass one of them, or matching counts")
+    if int(seeds.min()) < 0 or int(seeds.max()) >= SEED_LIMIT:
+        raise ValueError(f"seeds must lie in [0, 2**32), got {int(seeds.min())}..{int(seeds.max())}")
+    return seeds
+
+
+def _generator_draw(generator, shape, device: torch.device):
+    """A function returning the next N(0, 1) draw of ``shape`` exactly as diffusers' randn_tensor makes it:
+    on the generator's device (a CPU generator draws on the CPU, then the tensor moves), float32.
+    A list of generators draws each image from its own generator."""
+    generators = generator if isinstance(generator, (list, tuple)) else None
+    if generators is not None:
+        if len(generators) != shape[0]:
+            raise ValueError(f"got {len(generators)} generators for {shape[0]} images: pass one per image")
+        if not all(isinstance(g, torch.Generator) for g in generators):
+            raise TypeError("generator must be a torch.Generator or a list of them")
+        if len(generators) == 1:
+            generator, generators = generators[0], None
+    elif not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
+
+    def to_device(z: torch.Tensor) -> torch.Tensor:
+        if z.device.type == "cpu" and device.type == "cuda":
+            z = z.pin_memory()  # a pinned, non-blocking upload does not stall the host on the GPU
+        return z.to(device, non_blocking=True)
+
+    def draw() -> torch.Tensor:
+        if generators is None:
+            return to_device(torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32))
+        return to_device(torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device,
+                                                dtype=torch.float32) for g in generators]))
+
+    return draw

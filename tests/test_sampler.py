@@ -1,0 +1,416 @@
+"""FastSampler against the oracle (reference.sample fed the very same noise), on fresh random models.
+
+CPU tests run in CI (eager, fp32 unless stated; bf16 autocast once; torch.compile once on a tiny model).
+The CUDA tests (graph replay, compiled bf16, capture cache) run only where a GPU is present.
+"""
+
+import math
+
+import pytest
+import torch
+
+from ddpm_fast import NoiseSchedule, ops, reference
+from ddpm_fast.sampler import FastSampler, reverse_update_torch
+from ddpm_fast.unet import UNet, UNetConfig
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are tiny: a second intra-op thread only adds synchronisation (and, on a busy
+    machine, stalls on a descheduled sibling), so these tests run single-threaded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_unet(seed=0, channels=3, size=8) -> UNet:
+    """A ~45k-parameter U-Net with attention: ~1-3 ms per forward at batch 2 on one CPU core."""
+    torch.manual_seed(seed)
+    config = UNetConfig.tiny(sample_size=size, in_channels=channels, out_channels=channels,
+                             block_out_channels=(8, 16), norm_num_groups=4)
+    return UNet(config).eval()
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_unet()
+
+
+def seeded_noise_fn(seeds, shape_chw=None):
+    """The oracle's noise_fn producing the sampler's seed-keyed noise: (noise step, shape) -> (B, C, H, W)."""
+    seeds = torch.tensor(seeds, dtype=torch.int64)
+
+    def noise_fn(noise_step, shape):
+        return ops.seeded_noise(seeds, noise_step, shape[1:])
+
+    return noise_fn
+
+
+def oracle(model, schedule, seeds, image_shape, **kwargs):
+    """reference.sample with the sampler's noise; the update in float64 (the model still runs in float32),
+    so the fp32 fast path is measured against the exact chain, not against the oracle's own rounding."""
+    def model64(x, t):
+        return model(x.float(), t).double()
+
+    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else "cpu"
+    ref = reference.sample(model64, schedule, (len(seeds), *image_shape), noise_fn=seeded_noise_fn(seeds),
+                           dtype=torch.float64, device=device, **kwargs)
+    return ref.float()
+
+
+def assert_matches_oracle(out, ref, rel=2e-5):
+    """fp32 loops agree to float rounding, relative to the images' scale (unclipped samples can be large)."""
+    assert torch.isfinite(out).all(), "NaN/inf in the sampler's output"
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(out, ref, rtol=rel, atol=rel * max(scale, 1.0))
+
+
+# -- the oracle comparisons ---------------------------------------------------------------------------
+def test_full_1000_step_loop_matches_reference(unet):
+    """Ho's sampler end to end: 1000 steps, fixed_large, no clipping, identical seed-keyed noise."""
+    schedule = NoiseSchedule.linear(1000)
+    seeds = [3, 2**32 - 1]  # the largest uint32 seed too
+    out = FastSampler(unet, schedule).sample(seeds=seeds, clamp=False)
+    ref = oracle(unet, schedule, seeds, (3, 8, 8))
+    assert out.shape == (2, 3, 8, 8) and out.dtype == torch.float32
+    assert_matches_oracle(out, ref)
+
+
+@pytest.mark.parametrize("variance", ["fixed_large", "fixed_small"])
+@pytest.mark.parametrize("clip_x0", [False, True])
+@pytest.mark.parametrize("image_shape,channels_last", [((3, 8, 8), True), ((3, 6, 10), False), ((3, 6, 10), True)])
+def test_all_steps_of_a_short_schedule_match_reference(variance, clip_x0, image_shape, channels_last):
+    model = tiny_unet(seed=1)
+    schedule = NoiseSchedule.linear(40, 1e-3, 0.2)
+    seeds = [17]  # batch 1
+    sampler = FastSampler(model, schedule, variance=variance, clip_x0=clip_x0, channels_last=channels_last,
+                          image_shape=image_shape)
+    out = sampler.sample(seeds=seeds, clamp=False)
+    ref = oracle(model, schedule, seeds, image_shape, variance=variance, clip_x0=clip_x0)
+    assert_matches_oracle(out, ref)
+    if clip_x0:  # a clipped x0 keeps the chain bounded: make sure the run did not saturate trivially
+        assert ref.abs().max().item() <= 1.0 + 1e-6 and ref.std().item() > 0.1
+
+
+@pytest.mark.parametrize("timesteps", [10, [999, 640, 321, 57, 3]])
+@pytest.mark.parametrize("eta,clip_x0", [(None, False), (None, True), (0.0, False), (0.0, True), (1.0, True),
+                                         (0.5, False)])
+def test_respaced_and_ddim_match_reference(unet, timesteps, eta, clip_x0):
+    schedule = NoiseSchedule.linear(1000)
+    seeds = [5, 6, 123456]
+    sampler = FastSampler(unet, schedule, timesteps=timesteps, eta=eta, clip_x0=clip_x0)
+    out = sampler.sample(seeds=seeds, clamp=False)
+    ref = oracle(unet, schedule, seeds, (3, 8, 8), timesteps=timesteps, eta=eta, clip_x0=clip_x0)
+    assert_matches_oracle(out, ref)
+    assert sampler.timesteps[0] > sampler.timesteps[-1] and sampler.num_steps == len(sampler.table)
+
+
+def test_clip_range_other_than_one_matches_clamped_update(unet):
+    """clip_x0=r clamps x0 to [-r, r]: one step checked against reverse_step's algebra with r."""
+    schedule = NoiseSchedule.linear(1000)
+    sampler = FastSampler(unet, schedule, timesteps=[999, 0], clip_x0=0.25)
+    out = sampler.sample(seeds=[9], clamp=False)
+    # by hand: x_T, one step at t=999 onto t=0 (respaced), then the last step at t=0 (no noise)
+    sched = schedule.respaced([999, 0])
+    x = ops.seeded_noise([9], 1000, (3, 8, 8)).double()
+    for j, t in ((1, 999), (0, 0)):
+        eps = unet(x.float(), torch.tensor([t])).double()
+        ab, ab_prev = sched.alphas_cumprod[j], sched.alphas_cumprod_prev[j]
+        x0 = ((x - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-0.25, 0.25)
+        beta = 1 - ab / ab_prev
+        mean = ab_prev.sqrt() * beta / (1 - ab) * x0 + (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab) * x
+        z = ops.seeded_noise([9], t, (3, 8, 8)).double() if j > 0 else 0.0
+        x = mean + beta.sqrt() * z
+    torch.testing.assert_close(out, x.float(), rtol=1e-5, atol=1e-5)
+    assert out.abs().max() <= 0.25 + 1e-5  # the last step returns the clamped x0 itself
+
+
+@pytest.mark.parametrize("variance,timesteps", [("fixed_small", 8), ("fixed_large", None)])
+def test_generator_noise_matches_reference_generator(variance, timesteps):
+    """With a torch.Generator the noise is drawn in DDPMPipeline's order, like reference.sample's."""
+    model = tiny_unet(seed=2, channels=1)
+    schedule = NoiseSchedule.linear(30, 1e-3, 0.2) if timesteps is None else NoiseSchedule.linear(1000)
+    sampler = FastSampler(model, schedule, variance=variance, timesteps=timesteps, clip_x0=True)
+    out = sampler.sample(n=3, generator=torch.Generator().manual_seed(4), clamp=False)
+    ref = reference.sample(model, schedule, (3, 1, 8, 8), generator=torch.Generator().manual_seed(4),
+                           variance=variance, timesteps=timesteps, clip_x0=True)
+    assert_matches_oracle(out, ref)
+    # a list of generators draws image i from generator i alone
+    gens = [torch.Generator().manual_seed(s) for s in (4, 5)]
+    pair = sampler.sample(n=2, generator=gens)
+    single = sampler.sample(n=1, generator=[torch.Generator().manual_seed(5)])
+    torch.testing.assert_close(pair[1:], single, rtol=1e-5, atol=1e-5)
+
+
+# -- seeds, batching, poisoning -----------------------------------------------------------------------
+def test_image_depends_only_on_its_seed(unet):
+    schedule = NoiseSchedule.linear(1000)
+    sampler = FastSampler(unet, schedule, timesteps=12, clip_x0=True)
+    seeds = [11, 7, 2**32 - 1, 0, 5]
+    whole = sampler.sample(seeds=seeds)  # one batch of 5
+    pairs = sampler.sample(seeds=seeds, batch_size=2)  # 2 + 2 + a padded last batch
+    for i, seed in enumerate(seeds):
+        alone = sampler.sample(seeds=[seed], batch_size=1)
+        torch.testing.assert_close(alone[0], whole[i], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pairs, whole, rtol=1e-5, atol=1e-5)
+    moved = sampler.sample(seeds=torch.tensor([5, 11]))  # other positions, other batch
+    torch.testing.assert_close(moved, whole[[4, 0]], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(whole[0], whole[1])  # different seeds, different images
+    # seeds drawn from the global RNG: torch.manual_seed repeats them
+    torch.manual_seed(8)
+    a = sampler.sample(n=2)
+    torch.manual_seed(8)
+    torch.testing.assert_close(sampler.sample(n=2), a, rtol=0, atol=0)
+
+
+def test_poisoned_static_buffers_are_fully_overwritten(unet):
+    schedule = NoiseSchedule.linear(1000)
+    sampler = FastSampler(unet, schedule, timesteps=6)
+    first = sampler.sample(seeds=[1, 2, 3])
+    for run in sampler._runs.values():
+        run.x.fill_(float("nan"))
+        run.x_next.fill_(float("nan"))
+        run.counter.fill_(3)
+    second = sampler.sample(seeds=[1, 2, 3])
+    assert torch.isfinite(second).all()
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    assert second.min() >= -1 and second.max() <= 1  # clamp=True by default
+
+
+# -- dtype, layouts, tables, model kinds ------------------------------------------------------------------
+def test_bf16_autocast_close_in_distribution_to_fp32(unet):
+    """bf16 autocast on the CPU: per-pixel mean and std over a batch match fp32's."""
+    schedule = NoiseSchedule.linear(1000)
+    seeds = list(range(64))
+    fp32 = FastSampler(unet, schedule, timesteps=20, clip_x0=True).sample(seeds=seeds)
+    bf16_sampler = FastSampler(unet, schedule, timesteps=20, clip_x0=True, dtype=torch.bfloat16)
+    bf16 = bf16_sampler.sample(seeds=seeds)
+    assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
+    assert bf16_sampler.settings["dtype"] == "bfloat16"
+    assert (bf16 - fp32).abs().max() > 1e-3  # autocast really ran the model in bf16
+    assert (bf16.mean(0) - fp32.mean(0)).abs().max() < 0.05
+    assert (bf16.std(0) - fp32.std(0)).abs().max() < 0.05
+    assert abs(bf16.mean().item() - fp32.mean().item()) < 0.01
+
+
+def test_embedding_table_gives_the_same_images_and_leaves_the_model_alone():
+    model = tiny_unet(seed=3).train()  # a training-mode model: the sampler must use eval on its own copy
+    schedule = NoiseSchedule.linear(1000)
+    with_table = FastSampler(model, schedule, timesteps=8)
+    without = FastSampler(model, schedule, timesteps=8, embedding_table=False)
+    assert with_table.settings["embedding_table"] and not without.settings["embedding_table"]
+    assert with_table.model.time_embedding_table.shape[0] == 1000
+    a, b = with_table.sample(seeds=[1, 2]), without.sample(seeds=[1, 2])
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert model.training and model.time_embedding_table is None  # the caller's model is untouched
+    assert model.conv_in.weight.is_contiguous()
+
+
+class PlainEps(torch.nn.Module):
+    """Any eps model: not our UNet, no config (so image_shape is required); returns a tuple."""
+
+    def __init__(self, channels=2):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.scale = torch.nn.Parameter(torch.tensor(0.01))
+
+    def forward(self, x, t):
+        return (torch.tanh(self.conv(x)) + self.scale * t.view(-1, 1, 1, 1).float() / 1000,)
+
+
+def test_any_eps_callable_works_and_matches_reference():
+    torch.manual_seed(0)
+    model = PlainEps()
+    schedule = NoiseSchedule.linear(1000)
+    with pytest.raises(ValueError, match="image_shape"):
+        FastSampler(model, schedule)
+    sampler = FastSampler(model, schedule, timesteps=7, image_shape=(2, 5, 7))
+    out = sampler.sample(seeds=[4, 1], clamp=False)
+    ref = oracle(lambda x, t: model(x, t)[0], schedule, [4, 1], (2, 5, 7), timesteps=7)
+    assert_matches_oracle(out, ref)
+    # a plain function works too
+    fn_sampler = FastSampler(lambda x, t: model(x, t)[0], schedule, timesteps=7, image_shape=(2, 5, 7))
+    torch.testing.assert_close(fn_sampler.sample(seeds=[4, 1], clamp=False), out, rtol=1e-6, atol=1e-6)
+
+
+def test_reverse_update_torch_is_the_table_algebra():
+    """The unfused update against the coefficient formulas, fp64 by hand, for a clipped and an eps row."""
+    from ddpm_fast import coefficients as C
+
+    schedule = NoiseSchedule.linear(1000)
+    x, eps, z = torch.randn(3, 2, 3, 5, 4, dtype=torch.float64).unbind(0)
+    for clip in (None, 0.7):
+        table64 = C.reverse_table(schedule, 10, "fixed_small", clip_x0=clip is not None)
+        row = torch.tensor([3])
+        got = reverse_update_torch(x.float(), eps.float(), table64.float(), row, z.float(), clip)
+        c = table64[3]
+        x0 = x * c[C.SQRT_RECIP_AB] - eps * c[C.SQRT_RECIPM1_AB]
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
+        want = c[C.C_X0] * x0 + c[C.C_XT] * x + c[C.C_EPS] * eps + c[C.SIGMA] * z
+        torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_model_with_the_wrong_output_is_a_clear_error():
+    schedule = NoiseSchedule.linear(1000)
+    sampler = FastSampler(lambda x, t: torch.cat([x, x], 1), schedule, timesteps=2, image_shape=(3, 4, 4))
+    with pytest.raises(ValueError, match="eps of the input's shape"):
+        sampler.sample(seeds=[1])
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(variance="learned"), ValueError, "variance"),
+    (dict(clip_x0=-1.0), ValueError, "clip_x0"),
+    (dict(eta=-0.5), ValueError, "eta"),
+    (dict(dtype=torch.int32), ValueError, "dtype"),
+    (dict(timesteps=[3, 5]), ValueError, "descending"),
+    (dict(timesteps=2000), ValueError, "timesteps"),
+    (dict(steps_per_graph=0), ValueError, "steps_per_graph"),
+    (dict(compile=3), TypeError, "compile"),
+    (dict(image_shape=(3, 8)), ValueError, "image_shape"),
+])
+def test_bad_constructor_arguments(unet, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        FastSampler(unet, NoiseSchedule.linear(1000), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(), ValueError, "give n"),
+    (dict(n=0), ValueError, "n "),
+    (dict(seeds=[-1]), ValueError, r"\[0, 2\*\*32\)"),
+    (dict(seeds=[2**32]), ValueError, r"\[0, 2\*\*32\)"),
+    (dict(seeds=[]), ValueError, "empty"),
+    (dict(seeds=torch.tensor([1.5])), TypeError, "integer"),
+    (dict(n=3, seeds=[1, 2]), ValueError, "n=3"),
+    (dict(seeds=[1], batch_size=0), ValueError, "batch_size"),
+    (dict(n=1, seeds=[1], generator=torch.Generator()), ValueError, "not both"),
+    (dict(n=2, generator=[torch.Generator()] * 3), ValueError, "one per image"),
+    (dict(n=1, generator="cpu"), TypeError, "Generator"),
+])
+def test_bad_sample_arguments(unet, kwargs, error, match):
+    sampler = FastSampler(unet, NoiseSchedule.linear(1000), timesteps=2)
+    with pytest.raises(error, match=match):
+        sampler.sample(**kwargs)
+
+
+def test_other_arguments_are_type_checked(unet):
+    with pytest.raises(TypeError, match="NoiseSchedule"):
+        FastSampler(unet, "linear")
+    with pytest.raises(TypeError, match="callable"):
+        FastSampler(42, NoiseSchedule.linear(10), image_shape=(1, 2, 2))
+
+
+def test_cpu_turns_gpu_only_options_off(unet):
+    sampler = FastSampler(unet, NoiseSchedule.linear(1000), timesteps=3)
+    s = sampler.settings
+    assert s["device"] == "cpu" and s["dtype"] == "float32" and s["compile"] is None
+    assert s["cuda_graph"] is False and s["update"] == "torch"
+    assert "FastSampler(" in repr(sampler)
+
+
+def test_fused_kernel_under_the_triton_interpreter(unet, monkeypatch):
+    """The Triton update (in-kernel Philox noise) equals the torch twin, on CPU via TRITON_INTERPRET."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest on machines without CUDA)")
+    pytest.importorskip("triton")
+    schedule = NoiseSchedule.linear(1000)
+    torch_path = FastSampler(unet, schedule, timesteps=4, clip_x0=True, fused_update=False).sample(seeds=[3, 9])
+    monkeypatch.setenv("DDPM_FAST_BACKEND", "triton")
+    fused = FastSampler(unet, schedule, timesteps=4, clip_x0=True, fused_update=True)
+    assert fused.settings["update"] == "triton"
+    torch.testing.assert_close(fused.sample(seeds=[3, 9]), torch_path, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_compile_on_cpu_matches_eager():
+    """The one compile test: a tiny conv model, a few steps (torch.compile's CPU path, inductor)."""
+    torch.manual_seed(0)
+    model = PlainEps()
+    schedule = NoiseSchedule.linear(1000)
+    eager = FastSampler(model, schedule, timesteps=3, image_shape=(2, 4, 4)).sample(seeds=[1, 2], clamp=False)
+    compiled = FastSampler(model, schedule, timesteps=3, image_shape=(2, 4, 4), compile=True)
+    assert compiled.settings["compile"] == "default"
+    torch.testing.assert_close(compiled.sample(seeds=[1, 2], clamp=False), eager, rtol=1e-4, atol=1e-4)
+
+
+# -- CUDA only ------------------------------------------------------------------------------------------
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_replay_equals_eager_fast_path(dtype):
+    model = tiny_unet(seed=5, size=16).cuda()
+    schedule = NoiseSchedule.linear(1000)
+    seeds = list(range(6))
+    common = dict(timesteps=25, clip_x0=True, dtype=dtype, compile=False)
+    eager = FastSampler(model, schedule, cuda_graph=False, **common).sample(seeds=seeds)
+    graphed = FastSampler(model, schedule, cuda_graph=True, **common)
+    out = graphed.sample(seeds=seeds)
+    assert graphed.settings["cuda_graph"] and graphed.settings["update"] == "triton"
+    assert all(run.graphs and not run.eager for run in graphed._runs.values())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, eager, rtol=tol, atol=tol)
+    # several steps per graph (25 = 4 * 6 + 1: a tail graph too)
+    multi = FastSampler(model, schedule, cuda_graph=True, steps_per_graph=6, **common).sample(seeds=seeds)
+    torch.testing.assert_close(multi, eager, rtol=tol, atol=tol)
+
+
+@needs_cuda
+def test_cuda_fast_path_matches_reference_and_cpu():
+    model = tiny_unet(seed=6, size=16)
+    schedule = NoiseSchedule.linear(1000)
+    seeds = [1, 2**31 + 5]
+    gpu = FastSampler(model.cuda(), schedule, timesteps=30, dtype=torch.float32, compile=False).sample(seeds=seeds)
+    ref = oracle(model.cuda(), schedule, seeds, (3, 16, 16), timesteps=30).clamp(-1, 1)
+    torch.testing.assert_close(gpu, ref, rtol=1e-4, atol=1e-4)
+    cpu = FastSampler(model.cpu(), schedule, timesteps=30).sample(seeds=seeds)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda
+def test_cuda_compiled_bf16_close_to_fp32():
+    model = tiny_unet(seed=7, size=16).cuda()
+    schedule = NoiseSchedule.linear(1000)
+    seeds = list(range(128))
+    fp32 = FastSampler(model, schedule, timesteps=20, clip_x0=True, dtype=torch.float32,
+                       compile=False).sample(seeds=seeds)
+    fast = FastSampler(model, schedule, timesteps=20, clip_x0=True, compile="default")
+    out = fast.sample(seeds=seeds)
+    assert fast.settings["dtype"] == "bfloat16" and fast.settings["compile"] == "default"
+    assert (out.mean(0) - fp32.mean(0)).abs().max() < 0.05 and (out.std(0) - fp32.std(0)).abs().max() < 0.05
+
+
+@needs_cuda
+def test_cuda_capture_cache_per_batch_size():
+    model = tiny_unet(seed=8, size=16).cuda()
+    sampler = FastSampler(model, NoiseSchedule.linear(1000), timesteps=5, compile=False)
+    a = sampler.sample(seeds=[1, 2, 3, 4])
+    graphs = {k: dict(r.graphs) for k, r in sampler._runs.items()}
+    b = sampler.sample(seeds=[1, 2, 3, 4])
+    assert {k: dict(r.graphs) for k, r in sampler._runs.items()} == graphs  # replayed, not recaptured
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    c = sampler.sample(seeds=[3, 4, 5], batch_size=2)  # a second batch size: a second capture
+    assert len(sampler._runs) == 2
+    torch.testing.assert_close(c[:2], a[2:], rtol=1e-5, atol=1e-5)
+
+
+@needs_cuda
+def test_cuda_capture_failure_falls_back_with_a_warning():
+    model = tiny_unet(seed=9, size=16).cuda()
+
+    def syncing_model(x, t):
+        float(t.sum())  # a host sync: not capturable
+        return model(x, t)
+
+    schedule = NoiseSchedule.linear(1000)
+    sampler = FastSampler(syncing_model, schedule, timesteps=4, image_shape=(3, 16, 16), device="cuda",
+                          dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        out = sampler.sample(seeds=[1, 2])
+    ref = FastSampler(model, schedule, timesteps=4, dtype=torch.float32, compile=False,
+                      cuda_graph=False).sample(seeds=[1, 2])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert math.isfinite(out.sum().item())
