@@ -1,0 +1,61 @@
+"""pytest-benchmark suite settings: CPU sizes on a CPU, GPU sizes on CUDA (``pytest benchmarks/ --benchmark-only``).
+
+Not part of the CI run (CI runs ``pytest tests``). The cases are the ones ``ddpm-fast bench`` times, built
+by ``ddpm_fast.bench.make_runner``. Environment overrides (comma lists where plural):
+DDPM_FAST_BENCH_IMPLS, DDPM_FAST_BENCH_BATCH_SIZES, DDPM_FAST_BENCH_STEPS, DDPM_FAST_BENCH_TRAIN_BATCH_SIZES,
+DDPM_FAST_BENCH_ROUNDS, DDPM_FAST_BENCH_MODEL (cifar10 | digits | tiny).
+"""
+
+import os
+
+import pytest
+import torch
+
+from ddpm_fast import bench
+
+ON_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+
+
+def _env_list(name: str, default: list) -> list:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    return [int(v) if v.strip().isdigit() else v.strip() for v in text.split(",") if v.strip()]
+
+
+# The same defaults as `ddpm-fast bench` on this device, but fewer steps: pytest-benchmark repeats rounds.
+SETTINGS = {
+    "impls": _env_list("DDPM_FAST_BENCH_IMPLS", list(bench.SAMPLING_IMPLS) if ON_CUDA
+                       else ["reference", "diffusers", "ddpm_fast"]),
+    "batch_sizes": _env_list("DDPM_FAST_BENCH_BATCH_SIZES", [1, 64, 512] if ON_CUDA else [1]),
+    "steps": int(os.environ.get("DDPM_FAST_BENCH_STEPS", 20 if ON_CUDA else 2)),
+    "train_batch_sizes": _env_list("DDPM_FAST_BENCH_TRAIN_BATCH_SIZES", [128] if ON_CUDA else [2]),
+    "train_steps": 5 if ON_CUDA else 1,
+    "rounds": int(os.environ.get("DDPM_FAST_BENCH_ROUNDS", 5 if ON_CUDA else 2)),
+    "model": os.environ.get("DDPM_FAST_BENCH_MODEL", "cifar10"),
+}
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrise over this device's implementations and sizes (decided at collection time)."""
+    if "sampling_impl" in metafunc.fixturenames:
+        metafunc.parametrize("sampling_impl", SETTINGS["impls"])
+    if "sampling_batch" in metafunc.fixturenames:
+        metafunc.parametrize("sampling_batch", SETTINGS["batch_sizes"], ids=lambda b: f"batch{b}")
+    if "training_impl" in metafunc.fixturenames:
+        metafunc.parametrize("training_impl", list(bench.TRAINING_IMPLS))
+    if "training_batch" in metafunc.fixturenames:
+        metafunc.parametrize("training_batch", SETTINGS["train_batch_sizes"], ids=lambda b: f"batch{b}")
+
+
+@pytest.fixture(scope="session")
+def bench_setup():
+    """The shared context (device, model, weights), counted FLOPs and the bf16 matmul peak (CUDA only)."""
+    if not ON_CUDA:
+        # TRITON_INTERPRET is not needed: on the CPU every case takes its torch path.
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    ctx = bench.BenchContext(device=DEVICE, model_name=SETTINGS["model"])
+    peak = bench.measure_ceilings(DEVICE)["bf16_matmul_tflops"]
+    return {"ctx": ctx, "flops": bench.model_flops(ctx), "peak": peak * 1e12 if peak else None,
+            "settings": SETTINGS}
