@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ddpm_fast import bench
+from ddpm_fast.bench import run_loop
 
 
 def _time_case(benchmark, bench_setup, case: bench.Case) -> None:
@@ -23,7 +24,7 @@ def _time_case(benchmark, bench_setup, case: bench.Case) -> None:
     except torch.cuda.OutOfMemoryError as exc:
         pytest.skip(f"out of memory: {str(exc).splitlines()[0]}")
     finally:
-        bench._release(device)
+        run_loop._release(device)
     seconds = [benchmark.stats.stats.median]
     figures = bench.throughput(seconds, case.kind, case.batch_size, case.steps,
                                bench_setup["flops"][case.kind], bench_setup["peak"])

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ddpm_fast import bench, flops, telemetry
+from ddpm_fast.bench import run_loop as bench_run_loop
+from ddpm_fast.bench import settings as bench_settings
 from ddpm_fast.unet import UNet, UNetConfig
 
 # ---------------------------------------------------------------------------------------------------
@@ -285,7 +287,7 @@ def test_a_failing_case_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
         return bench.Runner(ctx.device, lambda: time.sleep(0.001))  # the harness, not a model, is under test
 
-    monkeypatch.setattr(bench, "make_runner", flaky)
+    monkeypatch.setattr(bench_run_loop, "make_runner", flaky)  # the name run_case calls
     rc, result, markdown = _tiny_run(tmp_path, monkeypatch, "--only", "sampling", "--impls", "reference,ddpm_fast")
     assert rc == 1
     bench.validate_result(result)
@@ -348,9 +350,9 @@ def test_ablation_last_stage_reuses_the_ddpm_fast_case_instead_of_timing_it_twic
                                                                    "embedding_table": False})
     done = [{"kind": "sampling", "impl": "ddpm_fast", "batch_size": 64, "steps": 50, "images_per_s": 30.0,
              "error": None}]
-    reused = bench._same_as_ddpm_fast(last, done, cuda)
+    reused = bench_settings._same_as_ddpm_fast(last, done, cuda)
     assert reused["impl"] == "fast:+embedding-table" and reused["same_as"] == "ddpm_fast"
     assert reused["images_per_s"] == 30.0
-    assert bench._same_as_ddpm_fast(earlier, done, cuda) is None
-    assert bench._same_as_ddpm_fast(last, [{**done[0], "batch_size": 1}], cuda) is None
-    assert bench._same_as_ddpm_fast(last, [{**done[0], "error": "OutOfMemoryError"}], cuda) is None
+    assert bench_settings._same_as_ddpm_fast(earlier, done, cuda) is None
+    assert bench_settings._same_as_ddpm_fast(last, [{**done[0], "batch_size": 1}], cuda) is None
+    assert bench_settings._same_as_ddpm_fast(last, [{**done[0], "error": "OutOfMemoryError"}], cuda) is None
