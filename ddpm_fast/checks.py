@@ -11,6 +11,7 @@ __all__ = [
     "check_timesteps_per_sample",
     "check_variance",
     "resolve_timesteps",
+    "timesteps_for_batch",
     "VARIANCES",
 ]
 
@@ -37,32 +38,45 @@ def check_like(y, x: torch.Tensor, name: str, ref_name: str = "x") -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {y.dtype}")
 
 
-def check_timesteps_per_sample(t, batch_size: int, num_timesteps: int, device=None) -> torch.Tensor:
-    """Turn ``t`` (an int, or an integer tensor of shape (B,) or ()) into an int64 (B,) tensor.
+def timesteps_for_batch(t, batch_size: int, device=None, num_timesteps: int | None = None) -> torch.Tensor:
+    """Turn ``t`` (an int, or an integer tensor of shape (B,) or ()) into an int64 (B,) tensor, without a sync.
 
-    Raises a ValueError naming the problem when t is out of 0..T-1 or has the wrong batch size.
-    The range check reads the values, so it syncs a CUDA tensor; fast loops that must not sync
-    validate their timestep lists once up front instead.
+    Checks the type and the shape; a Python int is also checked against 0..num_timesteps-1 (0.. when
+    num_timesteps is None). Tensor values are not read, so a CUDA tensor is never synchronised: callers
+    that need the range checked use :func:`check_timesteps_per_sample`.
     """
     if isinstance(t, bool):
         raise TypeError("t must be an int or an integer tensor, got a bool")
     if isinstance(t, int):
-        if not 0 <= t < num_timesteps:
-            raise ValueError(f"t={t} is out of range: timestep indices run over 0..{num_timesteps - 1}")
+        if t < 0 or (num_timesteps is not None and t >= num_timesteps):
+            upper = "" if num_timesteps is None else f"..{num_timesteps - 1}"
+            raise ValueError(f"t={t} is out of range: timestep indices run over 0{upper}")
         return torch.full((batch_size,), t, dtype=torch.int64, device=device)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"t must be an int or an integer tensor, got {type(t).__name__}")
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"t must hold integer timestep indices, got dtype {t.dtype}")
     if t.ndim == 0:
-        t = t.expand(batch_size)
+        t = t.reshape(1).expand(batch_size)
     if t.ndim != 1 or t.shape[0] != batch_size:
-        raise ValueError(f"t must have one entry per sample (shape ({batch_size},)), got shape {tuple(t.shape)}")
+        raise ValueError(f"t must be a scalar or have one entry per sample (shape ({batch_size},)), "
+                         f"got shape {tuple(t.shape)}")
+    return t.to(dtype=torch.int64, device=device if device is not None else t.device)
+
+
+def check_timesteps_per_sample(t, batch_size: int, num_timesteps: int, device=None) -> torch.Tensor:
+    """:func:`timesteps_for_batch` plus a check that every value lies in 0..T-1.
+
+    Raises a ValueError naming the problem when t is out of range or has the wrong batch size.
+    The range check reads the values, so it syncs a CUDA tensor; fast loops that must not sync
+    validate their timestep lists once up front instead.
+    """
+    t = timesteps_for_batch(t, batch_size, device, num_timesteps)
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi >= num_timesteps:
         bad = lo if lo < 0 else hi
         raise ValueError(f"t={bad} is out of range: timestep indices run over 0..{num_timesteps - 1}")
-    return t.to(dtype=torch.int64, device=device if device is not None else t.device)
+    return t
 
 
 def check_variance(variance: str) -> str:

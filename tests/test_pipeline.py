@@ -17,14 +17,7 @@ from ddpm_fast.pipeline import FastDDPMPipeline, inference_timesteps, scheduler_
 from ddpm_fast.unet import UNet  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: a second intra-op thread only adds synchronisation (and, on a busy
-    machine, stalls on a descheduled sibling), so these tests run single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_unet2d(seed=0, channels=3, downsample_padding=0) -> UNet2DModel:
