@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..argtypes import positive_int, positive_int_list
 from .cases import FULL_STEPS, SAMPLING_IMPLS, TRAINING_IMPLS, Case, fast_sampler_options
 
 MODELS = ("cifar10", "digits", "tiny")
@@ -34,26 +35,6 @@ _FAST_OFF = dict(dtype="float32", channels_last=False, compile=False, fused_upda
                  embedding_table=False)
 
 
-def _positive_int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (e.g. 1,64,512), got {text!r}")
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (e.g. 1,64,512), got {text!r}")
-    return values
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _impl_list(text: str) -> list[str]:
     known = (*SAMPLING_IMPLS, "ablation")
     names = [v.strip() for v in text.split(",") if v.strip()]
@@ -65,23 +46,23 @@ def _impl_list(text: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``bench`` options to ``parser`` (used by ``ddpm-fast bench`` and benchmarks/bench_*.py)."""
-    parser.add_argument("--batch-sizes", type=_positive_int_list, default=None,
+    parser.add_argument("--batch-sizes", type=positive_int_list, default=None,
                         help="sampling batch sizes, comma-separated (default: 1,64,512 on a GPU; 1 on a CPU)")
-    parser.add_argument("--steps", type=_positive_int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help="sampler steps to time (default 100 on a GPU, 3 on a CPU); images/s are reported "
                              f"for the full {FULL_STEPS}-step schedule from the per-step time")
     parser.add_argument("--impls", type=_impl_list, default=None,
                         help=f"sampling implementations: {','.join(SAMPLING_IMPLS)},ablation "
                              "(default: all on a GPU; reference,diffusers,ddpm_fast on a CPU)")
-    parser.add_argument("--ablation-batch", type=_positive_int, default=64,
+    parser.add_argument("--ablation-batch", type=positive_int, default=64,
                         help="batch size of the one-optimisation-at-a-time ablation (default 64)")
-    parser.add_argument("--train-batch-sizes", type=_positive_int_list, default=None,
+    parser.add_argument("--train-batch-sizes", type=positive_int_list, default=None,
                         help="training batch sizes (default 128 on a GPU, 2 on a CPU)")
-    parser.add_argument("--train-steps", type=_positive_int, default=None,
+    parser.add_argument("--train-steps", type=positive_int, default=None,
                         help="optimizer steps per timed training run (default 10 on a GPU, 1 on a CPU)")
     parser.add_argument("--only", choices=("sampling", "training"), default=None,
                         help="run only the sampling or only the training cases")
-    parser.add_argument("--repeats", type=_positive_int, default=None,
+    parser.add_argument("--repeats", type=positive_int, default=None,
                         help="timed runs per case; the median is reported (default 3; 2 with --quick)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up runs per case before timing (default 1)")
     parser.add_argument("--model", choices=MODELS, default="cifar10", help="U-Net preset (default cifar10)")
@@ -95,10 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="seconds; cases not started by then are recorded as skipped")
     parser.add_argument("--case-seconds", type=float, default=60.0,
                         help="stop repeating a case once its timed runs took this long (default 60)")
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's own; 1 is steadier on a busy shared CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and noise")
-    parser.add_argument("--telemetry-interval-ms", type=_positive_int, default=100,
+    parser.add_argument("--telemetry-interval-ms", type=positive_int, default=100,
                         help="NVML sampling interval (default 100 ms)")
     parser.add_argument("--quick", action="store_true",
                         help="a short run: on a CPU batch 1, 3 steps, reference/diffusers/ddpm_fast (< 2 min); "
