@@ -17,6 +17,13 @@
 # call), BENCH_ARGS (extra `ddpm-fast bench` options). A second call for what the first had to skip, e.g.:
 #   SKIP_TESTS=1 SKIP_KERNELS=1 SKIP_PYTEST_BENCH=1 BENCH_ARGS="--impls ablation" bash benchmarks/run_gpu.sh
 #   (the ablation and the training cases; `--only training` for training alone)
+#
+# The GPU image (python 3.12, torch 2.11, triton 3.6, no internet) lacks diffusers, the comparison peer.
+# Fetch its wheels here first and carry them (the `run` tool's carry=[".whl"]); this script installs any
+# wheels it finds in .whl/ into /tmp/site:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
 set -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,6 +50,10 @@ left() {  # seconds left before the deadline, minus a reserve for the steps afte
 }
 
 step "install"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        >>"$LOG" 2>&1 && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || { echo "install failed" | tee -a "$LOG"; status=1; }
 
 step "environment"
