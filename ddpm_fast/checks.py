@@ -68,15 +68,16 @@ def check_timesteps_per_sample(t, batch_size: int, num_timesteps: int, device=No
     """:func:`timesteps_for_batch` plus a check that every value lies in 0..T-1.
 
     Raises a ValueError naming the problem when t is out of range or has the wrong batch size.
-    The range check reads the values, so it syncs a CUDA tensor; fast loops that must not sync
-    validate their timestep lists once up front instead.
+    The range check reads the values where t already is, before any move to ``device``: a CPU t headed
+    for the GPU costs no sync, a CUDA t syncs once; fast loops that must not sync validate their
+    timestep lists once up front instead.
     """
-    t = timesteps_for_batch(t, batch_size, device, num_timesteps)
+    t = timesteps_for_batch(t, batch_size, None, num_timesteps)
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi >= num_timesteps:
         bad = lo if lo < 0 else hi
         raise ValueError(f"t={bad} is out of range: timestep indices run over 0..{num_timesteps - 1}")
-    return t
+    return t if device is None else t.to(device)
 
 
 def check_variance(variance: str) -> str:

@@ -77,8 +77,7 @@ class _Run:
     never replaced. graphs maps a number of steps to the graph that performs that many steps.
     """
 
-    x: torch.Tensor  # (B, C, H, W) float32 current sample, compute memory format
-    x_next: torch.Tensor  # (B, C, H, W) float32 the update's output, copied back into x
+    x: torch.Tensor  # (B, C, H, W) float32 current sample, compute memory format, updated in place
     seeds: torch.Tensor  # (B,) int64 per-image noise keys
     noise: torch.Tensor | None  # (B, C, H, W) float32 z from a torch.Generator, else None (seed-keyed)
     counter: torch.Tensor  # (1,) int64 index of the current table row (the step), advanced on device
@@ -272,7 +271,8 @@ class FastSampler:
             padded = torch.cat([chunk, chunk[-1:].expand(batch - chunk.shape[0])])
             run = self._run_for(batch, generator_noise=False)
             run.seeds.copy_(padded)
-            x_T = ops.seeded_noise(run.seeds, self.schedule.num_timesteps, self.image_shape,
+            # from the CPU seeds (already range-checked): checking device seeds would sync
+            x_T = ops.seeded_noise(padded, self.schedule.num_timesteps, self.image_shape, device=self.device,
                                    backend=self.update_backend)  # noise step T
             run.x.copy_(x_T)
             self._denoise(run)
@@ -284,7 +284,7 @@ class FastSampler:
         run = self._run_for(n, generator_noise=True)
         run.x.copy_(draw())  # x_T: the first draw, as DDPMPipeline makes it
         self._denoise(run, draw=draw)  # then one draw before each noisy step
-        return run.x.contiguous().clone()
+        return run.x.clone(memory_format=torch.contiguous_format)
 
     def _denoise(self, run: _Run, draw=None) -> None:
         """Run every step on run.x in place. draw: None (seed-keyed noise) or a function returning the
@@ -321,18 +321,18 @@ class FastSampler:
             from . import kernels
 
             seeds = None if run.noise is not None else run.seeds
-            kernels.reverse_update(run.x, eps, self.table, run.counter, out=run.x_next, seeds=seeds,
+            # in place: each element is read and written by the same program (eps is already computed)
+            kernels.reverse_update(run.x, eps, self.table, run.counter, out=run.x, seeds=seeds,
                                    noise=run.noise, clip=self.clip)
         else:
             z = run.noise if run.noise is not None else _step_noise(run.seeds, t, self.image_shape)
-            run.x_next.copy_(reverse_update_torch(run.x, eps, self.table, run.counter, z, self.clip))
-        run.x.copy_(run.x_next)
+            run.x.copy_(reverse_update_torch(run.x, eps, self.table, run.counter, z, self.clip))
         run.counter.add_(1)
 
     # -- static buffers and CUDA graphs ---------------------------------------------------------------
     def _run_for(self, batch: int, generator_noise: bool) -> _Run:
         """The cached static state for this batch size and noise source (made on first use)."""
-        key = (batch, *self.image_shape, self.dtype, generator_noise)
+        key = (batch, generator_noise)  # image shape and dtype are fixed per sampler
         run = self._runs.get(key)
         if run is None:
             fmt = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -341,7 +341,7 @@ class FastSampler:
                 return torch.zeros((batch, *self.image_shape), dtype=torch.float32, device=self.device
                                    ).contiguous(memory_format=fmt)
 
-            run = _Run(x=image_buffer(), x_next=image_buffer(),
+            run = _Run(x=image_buffer(),
                        seeds=torch.zeros(batch, dtype=torch.int64, device=self.device),
                        noise=image_buffer() if generator_noise else None,
                        counter=torch.zeros(1, dtype=torch.int64, device=self.device))
