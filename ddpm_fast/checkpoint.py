@@ -150,7 +150,8 @@ def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in strip_compile_prefix(state).items()}
 
 
-def _save_safetensors(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def save_safetensors(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write ``state`` (contiguous CPU copies, compile prefix stripped) as safetensors through :func:`atomic_write`."""
     from safetensors.torch import save_file
 
     tensors = _contiguous_cpu(state)
@@ -182,8 +183,8 @@ def save_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
 
     metadata = {"format": "pt", "ddpm_fast_config": json.dumps(config, sort_keys=True), "step": str(int(step))}
-    _save_safetensors(folder / MODEL_FILE, model, {**metadata, "weights": "model"})
-    _save_safetensors(folder / EMA_FILE, ema, {**metadata, "weights": "ema"})
+    save_safetensors(folder / MODEL_FILE, model, {**metadata, "weights": "model"})
+    save_safetensors(folder / EMA_FILE, ema, {**metadata, "weights": "ema"})
     write_json_atomic(folder / CONFIG_FILE, config)
     payload = {"step": int(step), **state}
     atomic_write(folder / STATE_FILE, lambda tmp: torch.save(payload, tmp))

@@ -7,9 +7,12 @@ import torch
 
 __all__ = [
     "check_image_batch",
+    "check_eta",
     "check_like",
+    "check_step_inputs",
     "check_timesteps_per_sample",
     "check_variance",
+    "model_device",
     "resolve_timesteps",
     "timesteps_for_batch",
     "VARIANCES",
@@ -64,6 +67,21 @@ def timesteps_for_batch(t, batch_size: int, device=None, num_timesteps: int | No
     return t.to(dtype=torch.int64, device=device if device is not None else t.device)
 
 
+def check_step_inputs(x_t, eps, noise=None) -> None:
+    """The inputs of one reverse step: x_t a float (B, C, H, W) tensor, eps and noise (if given) of its shape."""
+    check_image_batch(x_t, "x_t")
+    check_like(eps, x_t, "eps", "x_t")
+    if noise is not None:
+        check_like(noise, x_t, "noise", "x_t")
+
+
+def check_eta(eta) -> float:
+    """DDIM's eta as a float >= 0 (0: deterministic DDIM, 1: DDPM-like noise)."""
+    if not float(eta) >= 0.0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    return float(eta)
+
+
 def check_timesteps_per_sample(t, batch_size: int, num_timesteps: int, device=None) -> torch.Tensor:
     """:func:`timesteps_for_batch` plus a check that every value lies in 0..T-1.
 
@@ -112,3 +130,11 @@ def resolve_timesteps(timesteps, num_timesteps: int) -> list[int]:
     if steps[0] >= num_timesteps or steps[-1] < 0:
         raise ValueError(f"timesteps must lie in 0..{num_timesteps - 1}, got {steps[0]}..{steps[-1]}")
     return steps
+
+
+def model_device(model) -> torch.device:
+    """Where a model's weights live: its first parameter's device; the CPU for a plain callable."""
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")

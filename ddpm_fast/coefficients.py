@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_variance, resolve_timesteps
+from .checks import check_eta, check_variance, resolve_timesteps
 from .schedule import NoiseSchedule
 
 __all__ = ["T", "SQRT_RECIP_AB", "SQRT_RECIPM1_AB", "C_X0", "C_XT", "C_EPS", "SIGMA", "NUM_COLUMNS",
@@ -65,9 +65,7 @@ def reverse_table(
         var = beta if variance == "fixed_large" else beta * (1.0 - ab_prev) / (1.0 - ab)
         table[:, SIGMA] = var.sqrt()
     else:
-        if not float(eta) >= 0.0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
-        s = float(eta) * ((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev)).sqrt()
+        s = check_eta(eta) * ((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev)).sqrt()
         direction = (1.0 - ab_prev - s**2).clamp(min=0.0).sqrt()
         if clip_x0:
             # eps is recomputed from the clipped x0: eps' = (x_t - sqrt(ab) x0) / sqrt(1 - ab)

@@ -595,10 +595,8 @@ def load_dataset(source="digits", *, image_size: int | None = None, channels: in
     _check_image_size_arg(image_size)
     _check_channels_arg(channels)
     if isinstance(source, ImageDataset):
-        x = _convert_channels(source._storage, channels)
-        if image_size is not None:
-            x = _resize_nchw(x, image_size)
-        return ImageDataset(x, labels=source.labels, flip=flip or source.flip, source=source.source)
+        return _finish(source._storage, image_size=image_size, channels=channels, flip=flip or source.flip,
+                       labels=source.labels, source=source.source)
     if isinstance(source, str) and source == "digits":
         images, labels = load_digits_images()
         return _finish(images, image_size=image_size, channels=channels, flip=flip, labels=labels,

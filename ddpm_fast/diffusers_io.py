@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from .checks import model_device
 from .unet import UNet, UNetConfig
 
 __all__ = [
@@ -184,10 +184,10 @@ def diffusers_config_from_unet(config: UNetConfig | UNet) -> dict:
         raise TypeError(f"diffusers_config_from_unet needs a UNetConfig or UNet, got {type(config).__name__}")
     levels = config.num_levels
     attn = set(config.attention_levels)
-    d = {
+    return {
         "_class_name": "UNet2DModel",
         "_diffusers_version": _diffusers_version(),
-        **{k: v for k, v in DIFFUSERS_DEFAULTS.items()},
+        **DIFFUSERS_DEFAULTS,
         **_REQUIRED,
         "sample_size": config.sample_size,
         "in_channels": config.in_channels,
@@ -204,7 +204,6 @@ def diffusers_config_from_unet(config: UNetConfig | UNet) -> dict:
         "norm_num_groups": config.norm_num_groups,
         "norm_eps": config.norm_eps,
     }
-    return d
 
 
 _LEGACY_ATTENTION = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
@@ -313,23 +312,10 @@ def load_diffusers_unet(path_or_model, *, device=None) -> UNet:
     config = unet_config_from_diffusers(dict(model.config))
     state_dict = {k: v.detach() for k, v in model.state_dict().items()}
     if device is None:
-        device = next(model.parameters()).device
+        device = model_device(model)
     unet = _load_state_dict_into(UNet(config), state_dict, f"{type(model).__name__} state dict")
     unet.train(model.training)
     return unet.to(device)
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Write through a temp file in the same folder, then rename: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_diffusers_unet(unet: UNet, folder) -> Path:
@@ -346,11 +332,9 @@ def save_diffusers_unet(unet: UNet, folder) -> Path:
         raise ValueError(f"{folder} is a file: pass a folder to write the model into")
     folder.mkdir(parents=True, exist_ok=True)
 
-    from safetensors.torch import save_file
+    from .checkpoint import save_safetensors, write_json_atomic
 
-    # clone(): safetensors refuses tensors that share storage or are not contiguous (channels-last weights).
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in unet.state_dict().items()}
-    config_text = json.dumps(diffusers_config_from_unet(unet.config), indent=2, sort_keys=True) + "\n"
-    _write_atomically(folder / SAFETENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _write_atomically(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
+    # contiguous CPU copies: safetensors refuses shared or non-contiguous (channels-last) storage
+    save_safetensors(folder / SAFETENSORS_NAME, unet.state_dict(), {"format": "pt"})
+    write_json_atomic(folder / CONFIG_NAME, diffusers_config_from_unet(unet.config))
     return folder

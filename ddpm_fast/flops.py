@@ -51,14 +51,9 @@ def _math_attention():
 
     The fused CPU flash kernel has no FLOP formula in FlopCounterMode and would silently count as zero.
     """
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # torch >= 2.3; the package needs >= 2.4
 
-        return sdpa_kernel(SDPBackend.MATH)
-    except ImportError:  # torch < 2.3
-        import contextlib
-
-        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def count_flops(fn, *args, **kwargs) -> FlopCount:

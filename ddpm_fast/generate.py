@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write, build_model, load_checkpoint
+from .checkpoint import EMA_FILE, MODEL_FILE, atomic_write, build_model, load_checkpoint, read_json
+from .checks import model_device
 from .errors import CheckpointError
+from .sampler import DEFAULT_BATCH_SIZE, SEED_LIMIT
 from .schedule import NoiseSchedule
 
 __all__ = ["parse_seeds", "load_model_source", "generate", "write_samples", "sample_to_folder", "SampleResult"]
-
-SEED_LIMIT = 2**32
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,27 +89,16 @@ def _diffusers_schedule(unet_folder: Path) -> tuple[NoiseSchedule, dict]:
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         return NoiseSchedule.linear(1000), {"variance": "fixed_large", "clip_x0": True, "scheduler": None}
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+    cfg = read_json(path)
     if cfg.get("prediction_type", "epsilon") != "epsilon":
         raise CheckpointError(f"{path}: prediction_type {cfg['prediction_type']!r} is not supported "
                               "(ddpm-fast samples eps-prediction models)")
-    T = int(cfg.get("num_train_timesteps", 1000))
-    kind = cfg.get("beta_schedule", "linear")
-    start, end = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
-    if cfg.get("trained_betas") is not None:
-        schedule = NoiseSchedule.from_betas(cfg["trained_betas"])
-    elif kind == "linear":
-        schedule = NoiseSchedule.linear(T, start, end)
-    elif kind == "squaredcos_cap_v2":
-        schedule = NoiseSchedule.cosine(T)
-    elif kind == "scaled_linear":
-        schedule = NoiseSchedule.from_betas(torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64) ** 2)
-    else:
-        raise CheckpointError(f"{path}: beta_schedule {kind!r} is not supported "
-                              "(use linear, scaled_linear or squaredcos_cap_v2)")
+    from .pipeline import schedule_from_scheduler_config
+
+    try:
+        schedule = schedule_from_scheduler_config(cfg)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     variance = cfg.get("variance_type", "fixed_small")
     defaults = {"variance": variance if variance in ("fixed_small", "fixed_large") else "fixed_large",
                 "clip_x0": bool(cfg.get("clip_sample", True)), "scheduler": str(path)}
@@ -145,8 +134,7 @@ def load_model_source(source, *, use_ema: bool = True, device=None):
         ckpt = load_checkpoint(path, with_state=False)
         take_ema = use_ema and ckpt.ema is not None
         weights = ckpt.ema if take_ema else ckpt.model
-        weights_file = ckpt.path if ckpt.path.is_file() else ckpt.path / ("ema.safetensors" if take_ema
-                                                                         else "model.safetensors")
+        weights_file = ckpt.path if ckpt.path.is_file() else ckpt.path / (EMA_FILE if take_ema else MODEL_FILE)
         model = build_model(ckpt.config["unet"], weights, source=weights_file)
         try:
             schedule = NoiseSchedule.from_config(ckpt.config["schedule"])
@@ -174,13 +162,13 @@ def generate(model, schedule: NoiseSchedule, seeds, *, steps=None, variance: str
     [0, 2**32). steps: None (all T), an int n (diffusers' leading spacing) or a descending list.
     variance: "fixed_large" (Ho) or "fixed_small". clip_x0: clip the predicted x0 to [-1, 1] each step
     (Ho's and diffusers' default). reference: use the oracle ``reference.sample`` instead of FastSampler.
-    batch_size: images per batch (default: all, at most 256); the result does not depend on it.
+    batch_size: images per batch (default: all, at most DEFAULT_BATCH_SIZE = 256); the result does not depend on it.
     sampler_options: extra FastSampler arguments (e.g. ``{"compile": False}``).
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("no seeds given: pass at least one seed (e.g. --seeds 0-63)")
-    batch_size = batch_size or min(len(seeds), 256)
+    batch_size = batch_size or min(len(seeds), DEFAULT_BATCH_SIZE)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
@@ -194,7 +182,7 @@ def generate(model, schedule: NoiseSchedule, seeds, *, steps=None, variance: str
     from . import ops
     from . import reference as oracle
 
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = torch.device(device) if device is not None else model_device(model)
     image_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
     was_training = model.training
     model.eval()  # dropout off; restored below

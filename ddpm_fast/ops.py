@@ -22,7 +22,8 @@ import weakref
 import torch
 
 from . import reference
-from .checks import check_image_batch, check_like, check_timesteps_per_sample, check_variance
+from .checks import (check_eta, check_image_batch, check_like, check_step_inputs, check_timesteps_per_sample,
+                     check_variance)
 from .coefficients import reverse_table
 from .philox import seeded_normal
 from .schedule import NoiseSchedule
@@ -150,7 +151,7 @@ def reverse_step(x_t: torch.Tensor, t, eps: torch.Tensor, schedule: NoiseSchedul
     where t == 0. variance: "fixed_large" or "fixed_small". clip_x0: clip the predicted x0 to [-1, 1].
     Returns x_{t-1} in x_t's dtype.
     """
-    _check_step_inputs(x_t, eps, noise)
+    check_step_inputs(x_t, eps, noise)
     check_variance(variance)
     if resolve_backend(backend, x_t) == "torch":
         return reference.reverse_step(x_t, t, eps, schedule, noise, variance=variance, clip_x0=clip_x0)
@@ -166,9 +167,8 @@ def ddim_step(x_t: torch.Tensor, t, eps: torch.Tensor, schedule: NoiseSchedule, 
 
     Shapes and dtypes as in :func:`reverse_step`; eta >= 0 scales the noise (0: deterministic DDIM).
     """
-    _check_step_inputs(x_t, eps, noise)
-    if not float(eta) >= 0.0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    check_step_inputs(x_t, eps, noise)
+    check_eta(eta)
     if resolve_backend(backend, x_t) == "torch":
         return reference.ddim_step(x_t, t, eps, schedule, noise, eta=eta, clip_x0=clip_x0)
     t = _timesteps(t, x_t, schedule)
@@ -184,7 +184,7 @@ def reverse_step_seeded(x_t: torch.Tensor, t, eps: torch.Tensor, schedule: Noise
     seeds: B ints or an int64 (B,) tensor in [0, 2**32). z for image b equals
     ``seeded_noise(seeds[b:b+1], t_b, x_t.shape[1:])``; samples with t == 0 get no noise.
     """
-    _check_step_inputs(x_t, eps, None)
+    check_step_inputs(x_t, eps, None)
     check_variance(variance)
     seeds_t = _seed_tensor(seeds, x_t.shape[0], x_t.device)
     t = _timesteps(t, x_t, schedule)
@@ -194,13 +194,6 @@ def reverse_step_seeded(x_t: torch.Tensor, t, eps: torch.Tensor, schedule: Noise
     table = _reverse_table(schedule, variance, clip_x0, None, x_t.device)
     return _kernels().reverse_update(x_t, eps, table, _rows(t, schedule), seeds=seeds_t,
                                      clip=1.0 if clip_x0 else None)
-
-
-def _check_step_inputs(x_t, eps, noise) -> None:
-    check_image_batch(x_t, "x_t")
-    check_like(eps, x_t, "eps", "x_t")
-    if noise is not None:
-        check_like(noise, x_t, "noise", "x_t")
 
 
 # ------------------------------------------------------------------------------------------------

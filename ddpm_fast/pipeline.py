@@ -12,7 +12,6 @@ diffusers is needed only to run a diffusers U-Net that our ``UNet`` cannot expre
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,12 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import read_json
+from .checks import model_device
 from .errors import CheckpointError
 from .sampler import FastSampler
 from .schedule import NoiseSchedule
 
 __all__ = ["FastDDPMPipeline", "FastPipelineOutput", "SchedulerSettings", "scheduler_settings",
-           "inference_timesteps"]
+           "schedule_from_scheduler_config", "inference_timesteps"]
 
 SCHEDULER_CONFIG = "scheduler_config.json"
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -86,12 +87,15 @@ def scheduler_settings(config: Mapping) -> SchedulerSettings:
         clip = float(cfg.get("clip_sample_range", 1.0))
         if not clip > 0:
             raise ValueError(f"clip_sample_range must be > 0, got {clip}")
-    return SchedulerSettings(schedule=_schedule_from_config(cfg), variance=variance, clip=clip,
+    return SchedulerSettings(schedule=schedule_from_scheduler_config(cfg), variance=variance, clip=clip,
                              timestep_spacing=spacing, steps_offset=int(cfg.get("steps_offset", 0)))
 
 
-def _schedule_from_config(cfg: dict) -> NoiseSchedule:
-    """The beta table diffusers builds for this config, in float64."""
+def schedule_from_scheduler_config(cfg: Mapping) -> NoiseSchedule:
+    """The beta table diffusers builds for a scheduler config (beta_schedule, betas, T), in float64.
+
+    Raises a ValueError naming an unsupported beta_schedule.
+    """
     T = int(cfg.get("num_train_timesteps", 1000))
     start, end = float(cfg.get("beta_start", 0.0001)), float(cfg.get("beta_end", 0.02))
     kind = cfg.get("beta_schedule", "linear")
@@ -166,10 +170,7 @@ class FastDDPMPipeline:
         if not scheduler_file.is_file() or not (root / "unet").is_dir():
             raise CheckpointError(f"{root} is not a saved DDPMPipeline: expected unet/ and "
                                   f"scheduler/{SCHEDULER_CONFIG}")
-        try:
-            scheduler_config = json.loads(scheduler_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"cannot read {scheduler_file}: {err}") from None
+        scheduler_config = read_json(scheduler_file)
         unet = _load_unet(root / "unet", convert_unet)
         return cls(unet, scheduler_config, device=device, **sampler_options)
 
@@ -184,7 +185,7 @@ class FastDDPMPipeline:
                             f"got {type(pipeline).__name__}")
         unet = pipeline.unet
         if device is None:
-            device = next(unet.parameters()).device
+            device = model_device(unet)
         if convert_unet:
             unet = _convert_unet(unet, source="the pipeline's UNet2DModel")
         return cls(unet, pipeline.scheduler, device=device, **sampler_options)
@@ -214,14 +215,9 @@ class FastDDPMPipeline:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not supported: use 'pil', 'np' or 'pt'")
         self._use_steps(num_inference_steps)
-        if generator is not None:
-            if seeds is not None:
-                raise ValueError("give seeds (seed-keyed noise) or generator (DDPMPipeline's noise), not both")
-            x = self.sampler.sample(n=batch_size, generator=generator, clamp=False)
-        else:
-            x = self.sampler.sample(n=None if seeds is not None else batch_size, seeds=seeds, clamp=False)
-            if x.shape[0] != batch_size:
-                raise ValueError(f"got {x.shape[0]} seeds for batch_size={batch_size}: pass one seed per image")
+        # the sampler checks, before any step, that seeds and generator are not both given and that
+        # there is one seed per image
+        x = self.sampler.sample(n=batch_size, seeds=seeds, generator=generator, clamp=False)
 
         images = (x / 2 + 0.5).clamp(0, 1)  # DDPMPipeline's mapping of x_0 to [0, 1]
         if output_type != "pt":

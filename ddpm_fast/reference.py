@@ -23,10 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from .checks import (
+    check_eta,
     check_image_batch,
     check_like,
+    check_step_inputs,
     check_timesteps_per_sample,
     check_variance,
+    model_device,
     resolve_timesteps,
 )
 from .schedule import NoiseSchedule
@@ -96,10 +99,7 @@ def reverse_step(
     variance: "fixed_large" (sigma^2 = beta_t) or "fixed_small" (sigma^2 = posterior variance).
     Samples with t = 0 get no noise. Returns x_{t-1} in x_t's dtype.
     """
-    check_image_batch(x_t, "x_t")
-    check_like(eps, x_t, "eps", "x_t")
-    if noise is not None:
-        check_like(noise, x_t, "noise", "x_t")
+    check_step_inputs(x_t, eps, noise)
     sigma_table = _sigma(schedule, variance)
     t = check_timesteps_per_sample(t, x_t.shape[0], schedule.num_timesteps)
     w = torch.float64
@@ -140,12 +140,8 @@ def ddim_step(
     x_{t-1} = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - s^2) eps + s z, with ab_prev = 1 below t = 0.
     Shapes and dtypes as in :func:`reverse_step`.
     """
-    check_image_batch(x_t, "x_t")
-    check_like(eps, x_t, "eps", "x_t")
-    if noise is not None:
-        check_like(noise, x_t, "noise", "x_t")
-    if not float(eta) >= 0.0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    check_step_inputs(x_t, eps, noise)
+    check_eta(eta)
     t = check_timesteps_per_sample(t, x_t.shape[0], schedule.num_timesteps)
     w = torch.float64
     x = x_t.to(w)
@@ -211,7 +207,7 @@ def sample(
     if len(shape) != 4:
         raise ValueError(f"shape must be (B, C, H, W), got {tuple(shape)}")
     steps = resolve_timesteps(timesteps, schedule.num_timesteps)
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     draw_device = generator.device if generator is not None else device
     respaced = schedule if len(steps) == schedule.num_timesteps else schedule.respaced(steps)
 
@@ -234,9 +230,3 @@ def sample(
             x = ddim_step(x, j, eps, respaced, z, eta=eta, clip_x0=clip_x0)
     return x
 
-
-def _model_device(model) -> torch.device:
-    if isinstance(model, torch.nn.Module):
-        for p in model.parameters():
-            return p.device
-    return torch.device("cpu")

@@ -21,7 +21,6 @@ float rounding. On the CPU the GPU-only ones are off and the same code runs eage
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -29,7 +28,7 @@ import torch
 
 from . import coefficients as coef
 from . import ops, philox
-from .checks import check_variance, resolve_timesteps
+from .checks import check_variance, model_device, resolve_timesteps
 from .schedule import NoiseSchedule
 
 __all__ = ["FastSampler", "reverse_update_torch"]
@@ -145,7 +144,7 @@ class FastSampler:
         if eta is not None and not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and eta >= 0):
             raise ValueError(f"eta must be None (DDPM) or a float >= 0 (DDIM), got {eta!r}")
         self.eta = None if eta is None else float(eta)
-        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.device = torch.device(device) if device is not None else model_device(model)
         on_cuda = self.device.type == "cuda"
         self.image_shape = _image_shape(model, image_shape)
 
@@ -401,12 +400,6 @@ def _clip_range(clip_x0) -> float | None:
     raise ValueError(f"clip_x0 must be False, True or a range r > 0 (clamp x0 to [-r, r]), got {clip_x0!r}")
 
 
-def _model_device(model) -> torch.device:
-    if isinstance(model, torch.nn.Module):
-        for p in model.parameters():
-            return p.device
-    return torch.device("cpu")
-
 
 def _image_shape(model, image_shape) -> tuple[int, int, int]:
     """(C, H, W) from the argument or from model.config (ddpm_fast and diffusers configs both work)."""
@@ -425,17 +418,11 @@ def _image_shape(model, image_shape) -> tuple[int, int, int]:
 
 
 def _update_backend(device: torch.device, fused_update: bool) -> str:
-    """"triton" (the fused kernel) or "torch" (its unfused twin) for this device."""
+    """"triton" (the fused kernel) or "torch" (its unfused twin) for this device: ``ops.resolve_backend``'s
+    choice (DDPM_FAST_BACKEND overrides "auto") for the float32 sample buffer."""
     if not fused_update:
         return "torch"
-    requested = os.environ.get("DDPM_FAST_BACKEND", "auto")
-    if requested not in ("auto", "torch", "triton"):
-        raise ValueError(f"DDPM_FAST_BACKEND={requested!r} is unknown: use auto, torch or triton")
-    if requested == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if requested == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise ValueError("DDPM_FAST_BACKEND=triton on the CPU needs TRITON_INTERPRET=1 (set before importing triton)")
-    return requested
+    return ops.resolve_backend("auto", torch.empty(0, device=device))
 
 
 def _compile_mode(compile, on_cuda: bool) -> str | None:
@@ -485,7 +472,8 @@ def _resolve_seeds(n, seeds) -> torch.Tensor:
     if seeds.numel() == 0:
         raise ValueError("seeds is empty: give at least one seed")
     if n is not None and _check_count(n) != seeds.numel():
-        raise ValueError(f"n={n} but {seeds.numel()} seeds were given: pass one of them, or matching counts")
+        raise ValueError(f"n={n} but {seeds.numel()} seeds were given: pass one seed per image "
+                         "(or only one of n and seeds)")
     if int(seeds.min()) < 0 or int(seeds.max()) >= SEED_LIMIT:
         raise ValueError(f"seeds must lie in [0, 2**32), got {int(seeds.min())}..{int(seeds.max())}")
     return seeds

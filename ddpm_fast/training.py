@@ -35,15 +35,19 @@ import torch.nn.functional as F
 
 from . import ops
 from .checkpoint import (
+    EMA_FILE,
+    MODEL_FILE,
     RUN_FORMAT,
+    STATE_FILE,
     Checkpoint,
+    check_weight_keys,
     find_latest_checkpoint,
     load_checkpoint,
     read_json,
     save_checkpoint,
     write_json_atomic,
 )
-from .errors import DDPMFastError
+from .errors import CheckpointError, DDPMFastError
 from .schedule import NoiseSchedule
 
 __all__ = ["TrainConfig", "RunResult", "Trainer", "train", "PRESETS", "unet_config_for", "resolve_device"]
@@ -331,10 +335,8 @@ class Trainer:
 
     def load_state(self, ckpt: Checkpoint) -> None:
         """Continue from a checkpoint written by :meth:`save` (weights, optimizer, RNG, data position)."""
-        from .checkpoint import check_weight_keys
-
-        check_weight_keys(ckpt.model, self.model, ckpt.path / "model.safetensors")
-        check_weight_keys(ckpt.ema, self.ema, ckpt.path / "ema.safetensors")
+        check_weight_keys(ckpt.model, self.model, ckpt.path / MODEL_FILE)
+        check_weight_keys(ckpt.ema, self.ema, ckpt.path / EMA_FILE)
         self.model.load_state_dict(ckpt.model)
         self.ema.load_state_dict(ckpt.ema)
         state = ckpt.state
@@ -354,9 +356,7 @@ class Trainer:
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             if isinstance(exc, DDPMFastError):
                 raise
-            from .errors import CheckpointError
-
-            raise CheckpointError(f"{ckpt.path / 'state.pt'} does not fit this run "
+            raise CheckpointError(f"{ckpt.path / STATE_FILE} does not fit this run "
                                   f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:120]})") from None
         self.step = int(state["step"])
 

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from .random import philox_randn
 from .utils import (check_image, check_index_tensor, check_same_image, check_table, dense,
-                    is_channels_last, launch_config, layout_index)
+                    is_channels_last, launch_config, layout_index, require_dense)
 
 __all__ = ["q_sample", "seeded_randn"]
 
@@ -111,7 +111,7 @@ def q_sample(x0, t, sqrt_ab, sqrt_1mab, noise=None, out=None, *, seeds=None, noi
     if out is None:
         out = torch.empty_like(x0)
     check_same_image(out, x0, "out", "x0")
-    out = _require_dense(out, "out")
+    out = require_dense(out, "out")
     if noise is not None:
         if noise_step is not None or noise_out is not None:
             raise ValueError("noise_step and noise_out only apply to in-kernel noise (seeds=...)")
@@ -126,7 +126,7 @@ def q_sample(x0, t, sqrt_ab, sqrt_1mab, noise=None, out=None, *, seeds=None, noi
         if noise_out is None:
             noise_out = torch.empty_like(x0)
         check_same_image(noise_out, x0, "noise_out", "x0")
-        noise_out = _require_dense(noise_out, "noise_out")
+        noise_out = require_dense(noise_out, "noise_out")
         noise, noise_out_arg, mode = x0, noise_out, NOISE_SEEDED
     per_image, hw, c = _shape_args(x0)
     block, num_warps, grid = launch_config(per_image, batch)
@@ -163,17 +163,11 @@ def seeded_randn(seeds, step, shape, out=None):
         raise ValueError(f"out must have shape {(batch, *shape)}, got {tuple(out.shape)}")
     if out.device != seeds.device:
         raise ValueError(f"out is on {out.device} but seeds are on {seeds.device}: move them to one device")
-    out = _require_dense(out, "out")
+    out = require_dense(out, "out")
     step = _step_tensor(step, batch, seeds.device, "step")
     per_image, hw, c = _shape_args(out)
     block, num_warps, grid = launch_config(per_image, batch)
     _seeded_randn_kernel[grid](out, seeds, step, per_image, hw, C=c, OUT_CL=is_channels_last(out),
                                STEP_PER_SAMPLE=step.shape[0] != 1, BLOCK=block,
                                num_warps=num_warps)
-    return out
-
-
-def _require_dense(out: torch.Tensor, name: str) -> torch.Tensor:
-    if not (out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)):
-        raise ValueError(f"{name} must be NCHW-contiguous or channels_last (it is written in place)")
     return out

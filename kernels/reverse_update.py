@@ -15,12 +15,13 @@ import triton.language as tl
 
 from .random import philox_randn
 from .utils import (check_image, check_index_tensor, check_same_image, check_table, dense,
-                    is_channels_last, launch_config, layout_index)
+                    is_channels_last, launch_config, layout_index, require_dense)
 
 __all__ = ["reverse_update", "NUM_COLUMNS"]
 
-# column layout of ddpm_fast.coefficients (kernels know tables, not schedules)
-COL_T, COL_SQRT_RECIP_AB, COL_SQRT_RECIPM1_AB, COL_C_X0, COL_C_XT, COL_C_EPS, COL_SIGMA = range(7)
+# The table's columns, as ddpm_fast.coefficients lays them out (kernels know tables, not schedules):
+# 0 model timestep t (keys the noise), 1 sqrt(1/ab), 2 sqrt(1/ab - 1), 3 c_x0, 4 c_xt, 5 c_eps, 6 sigma;
+# the kernel loads them by these offsets.
 NUM_COLUMNS = 8
 NOISE_NONE, NOISE_GIVEN, NOISE_SEEDED = 0, 1, 2
 
@@ -96,8 +97,7 @@ def reverse_update(x_t, eps, table, row, out=None, *, seeds=None, noise=None, cl
     if out is None:
         out = torch.empty_like(x_t)
     check_same_image(out, x_t, "out", "x_t")
-    if not (out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)):
-        raise ValueError("out must be NCHW-contiguous or channels_last (it is written in place)")
+    require_dense(out, "out")
     mode, z = NOISE_NONE, x_t  # z is an unused pointer unless noise is given
     if noise is not None:
         check_same_image(noise, x_t, "noise", "x_t")

@@ -28,11 +28,21 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return (not x.is_contiguous()) and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def is_dense(x: torch.Tensor) -> bool:
+    """Whether x (B, C, H, W) is NCHW-contiguous or channels_last: the layouts the kernels address."""
+    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+
+
 def dense(x: torch.Tensor) -> torch.Tensor:
     """x itself when NCHW- or NHWC-dense, else an NCHW-contiguous copy (strided views, expands)."""
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
-        return x
-    return x.contiguous()
+    return x if is_dense(x) else x.contiguous()
+
+
+def require_dense(out: torch.Tensor, name: str) -> torch.Tensor:
+    """An output the caller gave: it is written in place, so it cannot be copied into a dense layout."""
+    if not is_dense(out):
+        raise ValueError(f"{name} must be NCHW-contiguous or channels_last (it is written in place)")
+    return out
 
 
 def launch_config(per_image: int, batch: int):

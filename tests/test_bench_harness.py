@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ddpm_fast import bench, flops, telemetry
 from ddpm_fast.bench import run_loop as bench_run_loop
 from ddpm_fast.bench import settings as bench_settings
+from ddpm_fast.diffusers_io import diffusers_config_from_unet
 from ddpm_fast.unet import UNet, UNetConfig
 
 # ---------------------------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ def test_diffusers_side_by_side_is_the_same_network():
     diffusers = pytest.importorskip("diffusers")
     for config in (UNetConfig.cifar10(), UNetConfig.tiny()):
         with torch.device("meta"):
-            theirs = diffusers.UNet2DModel(**bench.diffusers_unet_config(config))
+            theirs = diffusers.UNet2DModel.from_config(diffusers_config_from_unet(config))
             ours = UNet(config)
         assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in ours.parameters())
     assert sum(p.numel() for p in ours.parameters()) > 0

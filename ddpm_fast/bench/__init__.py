@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cases import (FULL_STEPS, SAMPLING_IMPLS, TRAINING_IMPLS, BenchContext, Case, Runner, diffusers_unet_config,
+from .cases import (FULL_STEPS, SAMPLING_IMPLS, TRAINING_IMPLS, BenchContext, Case, Runner,
                     fast_sampler_options, make_runner)
 from .report import BASELINES, markdown_report
 from .run_loop import run, run_case
@@ -45,7 +45,7 @@ from .timing import (measure_ceilings, measure_copy_bandwidth, measure_matmul_fl
 __all__ = [
     "ABLATION_STAGES", "BASELINES", "COMPILE_MODES", "FULL_STEPS", "MODELS", "SAMPLING_IMPLS", "SCHEMA_VERSION",
     "TRAINING_IMPLS", "BenchContext", "Case", "Runner", "Settings", "add_arguments", "build_parser",
-    "default_out_path", "diffusers_unet_config", "fast_sampler_options", "main", "make_runner", "markdown_report",
+    "default_out_path", "fast_sampler_options", "main", "make_runner", "markdown_report",
     "measure_ceilings", "measure_copy_bandwidth", "measure_matmul_flops", "model_flops", "plan_cases",
     "resolve_settings", "run", "run_case", "throughput", "time_runner", "validate_result",
 ]

@@ -70,30 +70,6 @@ class BenchContext:
         return (batch_size, c.in_channels, c.sample_size, c.sample_size)
 
 
-def diffusers_unet_config(config) -> dict:
-    """The ``UNet2DModel`` keyword arguments equivalent to a ``UNetConfig`` (see ANCHORS section 1)."""
-    levels = len(config.block_out_channels)
-    attention = set(config.attention_levels)
-    return dict(
-        sample_size=config.sample_size,
-        in_channels=config.in_channels,
-        out_channels=config.out_channels,
-        block_out_channels=tuple(config.block_out_channels),
-        layers_per_block=config.layers_per_block,
-        down_block_types=tuple("AttnDownBlock2D" if i in attention else "DownBlock2D" for i in range(levels)),
-        up_block_types=tuple("AttnUpBlock2D" if levels - 1 - i in attention else "UpBlock2D" for i in range(levels)),
-        norm_num_groups=config.norm_num_groups,
-        norm_eps=config.norm_eps,
-        attention_head_dim=config.attention_head_dim,
-        downsample_padding=0,
-        flip_sin_to_cos=config.flip_sin_to_cos,
-        freq_shift=config.freq_shift,
-        dropout=config.dropout,
-        act_fn="silu",
-        time_embedding_type="positional",
-    )
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -151,8 +127,10 @@ def _reference_sampling(case: Case, ctx: BenchContext) -> Runner:
 def _diffusers_pipeline(ctx: BenchContext):
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
+    from ..diffusers_io import diffusers_config_from_unet
+
     torch.manual_seed(ctx.seed)
-    unet = UNet2DModel(**diffusers_unet_config(ctx.config)).to(ctx.device).eval()
+    unet = UNet2DModel.from_config(diffusers_config_from_unet(ctx.config)).to(ctx.device).eval()
     # google/ddpm-cifar10-32's scheduler: linear betas, fixed_large variance, x0 clipped to [-1, 1].
     scheduler = DDPMScheduler(num_train_timesteps=FULL_STEPS, beta_schedule="linear", beta_start=1e-4,
                               beta_end=0.02, variance_type="fixed_large", clip_sample=True)
@@ -266,7 +244,7 @@ def _reference_training(case: Case, ctx: BenchContext) -> Runner:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - 0.9999)
+            torch._foreach_lerp_(ema, params, 1.0 - 0.9999)
 
     def work(steps=case.steps):
         for _ in range(steps):

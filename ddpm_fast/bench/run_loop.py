@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import telemetry
+from ..checkpoint import atomic_write
 from .cases import FULL_STEPS, BenchContext, Case, make_runner
 from .report import markdown_report
 from .schema import SCHEMA_VERSION
@@ -77,14 +78,14 @@ def _parameter_count(config) -> int:
     from ..unet import UNet
 
     with torch.device("meta"):  # shapes only: no memory, no init time
-        return sum(p.numel() for p in UNet(config).parameters())
+        return UNet(config).num_parameters()
 
 
 def _write(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
-    tmp.replace(out)  # atomic: a run killed mid-write leaves the previous complete file
+    text = json.dumps(result, indent=1, default=str) + "\n"
+    # atomic: a run killed mid-write leaves the previous complete file
+    atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     out.with_suffix(".md").write_text(markdown_report(result), encoding="utf-8")
 
 

@@ -83,38 +83,33 @@ def model_flops(ctx: BenchContext) -> dict:
     }
 
 
-def measure_matmul_flops(device: torch.device, n: int = 8192, dtype=torch.bfloat16, repeats: int = 20) -> float:
-    """FLOP/s of an n^3 matrix product on ``device`` (median over ``repeats``, CUDA events; random data)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+def _cuda_median_seconds(work, repeats: int) -> float:
+    """Median seconds of ``work()`` over ``repeats`` runs timed with CUDA events, after 3 warm-up runs."""
     for _ in range(3):
-        torch.matmul(a, b)
+        work()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        torch.matmul(a, b)
+        work()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return 2.0 * n**3 / statistics.median(times)
+    return statistics.median(times)
+
+
+def measure_matmul_flops(device: torch.device, n: int = 8192, dtype=torch.bfloat16, repeats: int = 20) -> float:
+    """FLOP/s of an n^3 matrix product on ``device`` (median over ``repeats``, CUDA events; random data)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2.0 * n**3 / _cuda_median_seconds(lambda: torch.matmul(a, b), repeats)
 
 
 def measure_copy_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 20) -> float:
     """Bytes/s of a device-to-device copy, counting bytes read plus bytes written."""
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2.0 * src.numel() * 4 / statistics.median(times)
+    return 2.0 * src.numel() * 4 / _cuda_median_seconds(lambda: dst.copy_(src), repeats)
 
 
 def measure_ceilings(device: torch.device) -> dict:
@@ -129,8 +124,7 @@ def measure_ceilings(device: torch.device) -> dict:
     except Exception as exc:  # noqa: BLE001 - without a ceiling MFU is null, the rest still runs
         out["error"] = _one_line(exc)
     finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()
     return out
 
 
