@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -106,12 +107,6 @@ def build_cases(shape, dtype, device, schedule, compile_fns):
         noise = torch.randn_like(x0)
         return eager_q(x0, t, noise), noise
 
-    compiled = {}
-    if compile_fns:
-        for name, fn in [("reverse", eager_reverse), ("reverse_seeded", eager_reverse_seeded), ("q", eager_q),
-                         ("q_seeded", eager_q_seeded)]:
-            compiled[name] = torch.compile(fn, dynamic=False)
-
     cases = {
         "reverse_seeded": {
             "kernel": lambda: kernels.reverse_update(x, eps, table, rows, out=out, seeds=seeds),
@@ -140,11 +135,13 @@ def build_cases(shape, dtype, device, schedule, compile_fns):
         },
     }
     if compile_fns:
-        cases["reverse_seeded"]["compiled"] = lambda: compiled["reverse_seeded"](x, eps, rows)
-        cases["reverse_noise"]["compiled"] = lambda: compiled["reverse"](x, eps, z, rows)
-        cases["q_sample"]["compiled"] = lambda: compiled["q"](x, t, z)
-        cases["q_sample_seeded"]["compiled"] = lambda: compiled["q_seeded"](x, t)
-    return cases, x
+        reverse, reverse_seeded, q, q_seeded = (torch.compile(fn, dynamic=False) for fn in
+                                                (eager_reverse, eager_reverse_seeded, eager_q, eager_q_seeded))
+        cases["reverse_seeded"]["compiled"] = lambda: reverse_seeded(x, eps, rows)
+        cases["reverse_noise"]["compiled"] = lambda: reverse(x, eps, z, rows)
+        cases["q_sample"]["compiled"] = lambda: q(x, t, z)
+        cases["q_sample_seeded"]["compiled"] = lambda: q_seeded(x, t)
+    return cases
 
 
 def main(argv=None) -> int:
@@ -173,7 +170,7 @@ def main(argv=None) -> int:
         print(f"error: unknown case(s) {unknown}; choose from {list(BYTES_PER_ELEMENT)}", file=sys.stderr)
         return 2
     schedule = NoiseSchedule.linear(1000)
-    shapes = [s for s in (CUDA_SHAPES if on_cuda else CPU_SHAPES) if s[0] * s[1] * s[2] * s[3] <= args.max_elements]
+    shapes = [s for s in (CUDA_SHAPES if on_cuda else CPU_SHAPES) if math.prod(s) <= args.max_elements]
 
     # the device's copy bandwidth on a large buffer (read + write bytes)
     big = torch.empty((1 << 26) if on_cuda else (1 << 22), device=device, dtype=torch.float32)
@@ -183,9 +180,9 @@ def main(argv=None) -> int:
 
     results = []
     for shape in shapes:
-        numel = shape[0] * shape[1] * shape[2] * shape[3]
-        cases, x = build_cases(shape, dtype, device, schedule, use_compile)
-        elem = x.element_size()
+        numel = math.prod(shape)
+        cases = build_cases(shape, dtype, device, schedule, use_compile)
+        elem = dtype.itemsize
         src = torch.empty(numel, device=device, dtype=dtype)
         dst = torch.empty_like(src)
         copy_gbs = 2 * numel * elem / measure(lambda: dst.copy_(src)) / 1e9

@@ -14,7 +14,9 @@ import torch
 from ddpm_fast import bench
 
 ON_CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+# `ddpm-fast bench`'s defaults on this device (the sizes and implementations it would time)
+BENCH_DEFAULTS = bench.resolve_settings(bench.build_parser().parse_args([]))
+DEVICE = BENCH_DEFAULTS.device
 
 
 def _env_list(name: str, default: list) -> list:
@@ -26,11 +28,10 @@ def _env_list(name: str, default: list) -> list:
 
 # The same defaults as `ddpm-fast bench` on this device, but fewer steps: pytest-benchmark repeats rounds.
 SETTINGS = {
-    "impls": _env_list("DDPM_FAST_BENCH_IMPLS", list(bench.SAMPLING_IMPLS) if ON_CUDA
-                       else ["reference", "diffusers", "ddpm_fast"]),
-    "batch_sizes": _env_list("DDPM_FAST_BENCH_BATCH_SIZES", [1, 64, 512] if ON_CUDA else [1]),
+    "impls": _env_list("DDPM_FAST_BENCH_IMPLS", [i for i in BENCH_DEFAULTS.impls if i != "ablation"]),
+    "batch_sizes": _env_list("DDPM_FAST_BENCH_BATCH_SIZES", list(BENCH_DEFAULTS.batch_sizes)),
     "steps": int(os.environ.get("DDPM_FAST_BENCH_STEPS", 20 if ON_CUDA else 2)),
-    "train_batch_sizes": _env_list("DDPM_FAST_BENCH_TRAIN_BATCH_SIZES", [128] if ON_CUDA else [2]),
+    "train_batch_sizes": _env_list("DDPM_FAST_BENCH_TRAIN_BATCH_SIZES", list(BENCH_DEFAULTS.train_batch_sizes)),
     "train_steps": 5 if ON_CUDA else 1,
     "rounds": int(os.environ.get("DDPM_FAST_BENCH_ROUNDS", 5 if ON_CUDA else 2)),
     "model": os.environ.get("DDPM_FAST_BENCH_MODEL", "cifar10"),

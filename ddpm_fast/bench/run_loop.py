@@ -26,12 +26,18 @@ from .settings import _same_as_ddpm_fast, default_out_path, plan_cases, resolve_
 from .timing import _one_line, measure_ceilings, model_flops, throughput, time_runner
 
 
+def _case_record(case: Case, *, steps_reported, error=None, **extra) -> dict:
+    """A case's JSON record before timing: its identity, the figures still null (``extra`` goes before
+    ``error``, as ``skipped`` does)."""
+    return {"kind": case.kind, "impl": case.impl, "batch_size": case.batch_size, "steps": case.steps,
+            "steps_timed": case.steps, "steps_reported": steps_reported, "images_per_s": None,
+            "ms_per_step": None, "mfu": None, **extra, "error": error}
+
+
 def run_case(case: Case, ctx: BenchContext, *, repeats: int, warmup: int, flops: dict, peak_flops: float | None,
              sampler: telemetry.GpuSampler | None = None, max_seconds: float | None = None) -> dict:
     """Build, warm up and time one case; returns its JSON record (``error`` set instead of raising)."""
-    record = {"kind": case.kind, "impl": case.impl, "batch_size": case.batch_size, "steps": case.steps,
-              "steps_timed": case.steps, "steps_reported": FULL_STEPS if case.kind == "sampling" else case.steps,
-              "images_per_s": None, "ms_per_step": None, "mfu": None, "error": None}
+    record = _case_record(case, steps_reported=FULL_STEPS if case.kind == "sampling" else case.steps)
     device = ctx.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -148,10 +154,8 @@ def run(args: argparse.Namespace) -> int:
             if record is not None:
                 pass  # the ablation's last stage is ddpm_fast itself: not timed twice
             elif args.time_budget is not None and spent > args.time_budget:
-                record = {"kind": case.kind, "impl": case.impl, "batch_size": case.batch_size, "steps": case.steps,
-                          "steps_timed": case.steps, "steps_reported": None, "images_per_s": None,
-                          "ms_per_step": None, "mfu": None, "skipped": True,
-                          "error": f"skipped: the time budget of {args.time_budget:g} s was spent"}
+                record = _case_record(case, steps_reported=None, skipped=True,
+                                      error=f"skipped: the time budget of {args.time_budget:g} s was spent")
             else:
                 print(f"[bench] {case.kind} {case.impl} batch {case.batch_size} x {case.steps} steps ...",
                       file=sys.stderr, flush=True)
