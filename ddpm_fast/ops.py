@@ -16,6 +16,7 @@ Their torch path uses :func:`seeded_noise`, which reproduces the kernels' noise 
 
 from __future__ import annotations
 
+import math
 import os
 import weakref
 
@@ -218,14 +219,11 @@ def seeded_noise(seeds, step, shape, device=None, dtype: torch.dtype = torch.flo
         raise ValueError(f"shape must have positive sizes, got {shape}")
     seeds_t = _seed_tensor(seeds, None, device)
     step_t = _step_tensor(step, seeds_t.shape[0], device)
-    numel = 1
-    for s in shape:
-        numel *= s
     probe = torch.empty(0, device=device, dtype=dtype)
     if len(shape) == 3 and dtype in _KERNEL_DTYPES and resolve_backend(backend, probe) == "triton":
         out = torch.empty((seeds_t.shape[0], *shape), device=device, dtype=dtype)
         return _kernels().seeded_randn(seeds_t, step_t, shape, out=out)
-    noise = seeded_normal(seeds_t, step_t, numel)
+    noise = seeded_normal(seeds_t, step_t, math.prod(shape))
     return noise.view(seeds_t.shape[0], *shape).to(dtype)
 
 

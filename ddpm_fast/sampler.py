@@ -21,6 +21,7 @@ float rounding. On the CPU the GPU-only ones are off and the same code runs eage
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -44,10 +45,7 @@ def _step_noise(seeds: torch.Tensor, step: torch.Tensor, shape) -> torch.Tensor:
     seeds, step: int64 (B,) device tensors. Unlike ``ops.seeded_noise`` this reads no values on the
     host (no range checks), so it can be captured in a CUDA graph.
     """
-    numel = 1
-    for size in shape:
-        numel *= size
-    return philox.seeded_normal(seeds, step, numel).view(seeds.shape[0], *shape)
+    return philox.seeded_normal(seeds, step, math.prod(shape)).view(seeds.shape[0], *shape)
 
 
 def reverse_update_torch(x_t, eps, table, row, noise=None, clip=None) -> torch.Tensor:

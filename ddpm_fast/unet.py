@@ -198,9 +198,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_sh
     exponent = -math.log(10000) * torch.arange(0, half, dtype=torch.float32, device=t.device)
     exponent = exponent / (half - freq_shift)
     args = t[:, None].float() * torch.exp(exponent)[None, :]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
-    if flip_sin_to_cos:
-        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    sin, cos = torch.sin(args), torch.cos(args)
+    emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
     if dim % 2 == 1:
         emb = F.pad(emb, (0, 1, 0, 0))
     return emb
