@@ -16,12 +16,12 @@ import triton
 import triton.language as tl
 
 # Philox4x32 constants (Salmon et al. 2011), the same as Triton's and cuRAND's.
-PHILOX_KEY_A: tl.constexpr = 0x9E3779B9
-PHILOX_KEY_B: tl.constexpr = 0xBB67AE85
-PHILOX_ROUND_A: tl.constexpr = 0xD2511F53
-PHILOX_ROUND_B: tl.constexpr = 0xCD9E8D57
+PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
+PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
+PHILOX_ROUND_A = tl.constexpr(0xD2511F53)
+PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
 # largest scale with MAX_INT32 * scale < 1.0 after float rounding (Triton's uint_to_uniform_float)
-UNIFORM_SCALE: tl.constexpr = 4.6566127342e-10
+UNIFORM_SCALE = tl.constexpr(4.6566127342e-10)
 
 
 # Philox relies on uint32 wrap-around; Triton's debug mode (sanitize_overflow) would flag it as overflow,
