@@ -139,7 +139,7 @@ def test_write_samples_formats(tmp_path):
 
 
 def test_sample_to_folder_end_to_end(run_dir, tmp_path):
-    result = sample_to_folder(run_dir, tmp_path / "s", [0, 1, 2, 3], steps=5, batch_size=3)
+    result = sample_to_folder(run_dir, tmp_path / "s", [0, 1, 2, 3], steps=5, batch_size=3, device="cpu")
     assert result.num_images == 4 and result.settings["sampler"] == "FastSampler"
     assert result.settings["variance"] == "fixed_large" and result.settings["clip_x0"] is True
     with np.load(result.paths["npz"]) as data:

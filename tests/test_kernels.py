@@ -14,14 +14,10 @@ pytest.importorskip("triton")
 
 from ddpm_fast import coefficients, philox, reference  # noqa: E402
 from ddpm_fast import kernels  # noqa: E402
-from ddpm_fast.kernels.utils import interpreting  # noqa: E402
 from ddpm_fast.schedule import NoiseSchedule  # noqa: E402
+from markers import KERNEL_DEVICES, needs_cuda  # noqa: E402
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available() or not interpreting(),
-                                                 reason="CPU tensors need the Triton interpreter")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
-]
+DEVICES = KERNEL_DEVICES
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 3, 7, 7), (5, 3, 5, 9), (3, 1, 4, 4), (2, 4, 8, 8)]
 T = 1000
@@ -348,7 +344,7 @@ def test_q_sample_and_seeded_randn_reject_bad_arguments(device, schedule):
 # CUDA graphs (GPU only): one capture replays every step, reading the step counter from memory
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@needs_cuda
 def test_reverse_update_replays_in_a_cuda_graph(schedule):
     device = "cuda"
     steps = 10

@@ -74,7 +74,7 @@ def test_seeded_normal_rows_and_chunking():
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 from ddpm_fast.kernels.random import philox_randn  # noqa: E402
-from ddpm_fast.kernels.utils import interpreting  # noqa: E402
+from markers import KERNEL_DEVICES  # noqa: E402
 
 
 @triton.jit
@@ -93,17 +93,9 @@ def _draw(ints_ptr, lib_ptr, ours_ptr, key_ptr, N, BLOCK: tl.constexpr):
     tl.store(ours_ptr + off, philox_randn(seed.to(tl.uint32), step.to(tl.uint32), off.to(tl.uint32)), mask=mask)
 
 
-def _device():
-    if torch.cuda.is_available():
-        return "cuda"
-    if not interpreting():
-        pytest.skip("no CUDA and the kernels were not built for TRITON_INTERPRET=1")
-    return "cpu"
-
-
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("seed,step", [(0, 0), (7, 999), (MASK32, MASK32), (123456789, 2**31)])
-def test_twin_equals_triton_randn(seed, step):
-    device = _device()
+def test_twin_equals_triton_randn(seed, step, device):
     n = 3000
     ints = torch.full((n, 4), -1, dtype=torch.int64, device=device)
     lib = torch.full((n,), float("nan"), device=device)

@@ -12,9 +12,8 @@ import torch
 from ddpm_fast import NoiseSchedule, ops, reference
 from ddpm_fast.sampler import FastSampler, reverse_update_torch
 from ddpm_fast.unet import UNet, UNetConfig
+from markers import needs_cuda
 
-CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -22,8 +22,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _config(tmp_path, **kw):
+    # device="cpu": these tests mean the CPU path (eager float32); the default would pick CUDA where present
     base = dict(data="digits", out=str(tmp_path / "run"), preset="tiny", steps=6, batch_size=8,
-                save_every=3, log_every=2, progress=False, unet=SMALL)
+                save_every=3, log_every=2, progress=False, unet=SMALL, device="cpu")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -205,7 +206,8 @@ def test_in_memory_dataset_needs_no_data_option(tmp_path):
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     dataset = ImageDataset(images, source="random test images")
     config = TrainConfig(preset="cifar10", out=str(tmp_path / "run"), steps=2, batch_size=4, save_every=0,
-                         sample_every=0, log_every=1, progress=False, unet={**SMALL, "norm_num_groups": 8})
+                         sample_every=0, log_every=1, progress=False, unet={**SMALL, "norm_num_groups": 8},
+                         device="cpu")
     result = train(config, dataset=dataset)
     assert result.step == 2 and math.isfinite(result.final_loss)
     stored = json.loads((tmp_path / "run" / "config.json").read_text())
