@@ -75,6 +75,7 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 from ddpm_fast.kernels.random import philox_randn  # noqa: E402
 from markers import KERNEL_DEVICES  # noqa: E402
+from tolerances import BOX_MULLER_ATOL, assert_within  # noqa: E402
 
 
 @triton.jit
@@ -105,6 +106,10 @@ def test_twin_equals_triton_randn(seed, step, device):
     offsets = torch.arange(n, device=device)
     twin_ints = torch.stack(philox.randint4x(torch.tensor(seed), torch.tensor(step), offsets), dim=1)
     assert torch.equal(ints, twin_ints)  # the integer stream is exact
-    # the kernel helper is Triton's randn; the twin differs only by float rounding of log/cos
-    torch.testing.assert_close(ours, lib, rtol=0, atol=0 if device == "cpu" else 2e-5)
-    torch.testing.assert_close(philox.randn(seed, step, offsets), lib, rtol=0, atol=2e-6 if device == "cpu" else 2e-5)
+    # the kernel helper is Triton's randn: the same numpy operations under the interpreter (equal); compiled,
+    # within what two evaluations of log/cos may differ by. The twin differs only by the rounding of log/cos.
+    if device == "cpu":
+        torch.testing.assert_close(ours, lib, rtol=0, atol=0)
+    else:
+        assert_within(ours, lib, BOX_MULLER_ATOL, "philox_randn vs tl.randn")
+    assert_within(philox.randn(seed, step, offsets), lib, BOX_MULLER_ATOL, "twin vs tl.randn")
