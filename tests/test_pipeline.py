@@ -15,6 +15,7 @@ from ddpm_fast import FastSampler  # noqa: E402
 from ddpm_fast.errors import CheckpointError  # noqa: E402
 from ddpm_fast.pipeline import FastDDPMPipeline, inference_timesteps, scheduler_settings  # noqa: E402
 from ddpm_fast.unet import UNet  # noqa: E402
+from tolerances import rounding_response  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -169,9 +170,11 @@ def test_without_a_generator_noise_is_seed_keyed(unet2d):
     settings = fast.settings
     sampler = FastSampler(fast.unet, settings.schedule, timesteps=inference_timesteps(settings, 5),
                           variance="fixed_large", clip_x0=True)
-    torch.testing.assert_close(keyed, sampler.sample(seeds=[7, 8]) / 2 + 0.5, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(keyed, sampler.sample(seeds=[7, 8]) / 2 + 0.5, rtol=0, atol=0)  # the same ops
     single = fast(batch_size=1, num_inference_steps=5, output_type="pt", seeds=[8]).images
-    torch.testing.assert_close(single[0], keyed[1], rtol=1e-5, atol=1e-5)
+    # batch 1 vs 2: the convolutions' sums may differ in order; the chain's response to their rounding
+    bound = rounding_response(lambda: sampler.sample(seeds=[8]) / 2 + 0.5, sampler.model)
+    torch.testing.assert_close(single[0], keyed[1], rtol=0, atol=bound)
     torch.manual_seed(0)
     a = fast(batch_size=2, num_inference_steps=5, output_type="np").images
     torch.manual_seed(0)

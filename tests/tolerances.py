@@ -146,31 +146,31 @@ def projection_rounding_bound(model, t: torch.Tensor) -> torch.Tensor:
 
 # -- whole networks ------------------------------------------------------------------------------------
 def _layer_bound(module: torch.nn.Module, inputs, out: torch.Tensor) -> torch.Tensor:
-    """The float32 rounding bound of one layer's output (its own arithmetic, inputs taken as exact)."""
+    """One layer's rounding bound in units of u (its own arithmetic, inputs taken as exact): n times the
+    magnitudes, n the roundings of the layer (K + 1 for a K-term sum plus bias), as in gamma_n ~ n u."""
     x = inputs[0]
     if isinstance(module, torch.nn.Conv2d):
         k = module.in_channels // module.groups * math.prod(module.kernel_size) + 1
-        mag = F.conv2d(x.float().abs(), module.weight.float().abs(), None if module.bias is None else
-                       module.bias.float().abs(), module.stride, module.padding, module.dilation, module.groups)
-        return gamma(k) * mag
+        mag = F.conv2d(x.abs(), module.weight.abs(), None if module.bias is None else module.bias.abs(),
+                       module.stride, module.padding, module.dilation, module.groups)
+        return k * mag
     if isinstance(module, torch.nn.Linear):
         k = module.in_features + 1
-        mag = x.float().abs() @ module.weight.float().abs().T
+        mag = x.abs() @ module.weight.abs().T
         if module.bias is not None:
-            mag = mag + module.bias.float().abs()
-        return gamma(k) * mag
+            mag = mag + module.bias.abs()
+        return k * mag
     # GroupNorm: y = (x - m) / s * w + b over K = C/G * H * W elements per group. The mean errs by
     # gamma_K mean|x| and the variance by gamma_K (its sum of squares) relative, moving y by
     # |w| gamma_K (mean|x| / s + |x - m| / s); the element-wise steps add 4 roundings of |y|.
     b, c = x.shape[:2]
-    g = module.num_groups
-    xg = x.float().reshape(b, g, -1)
+    xg = x.reshape(b, module.num_groups, -1)
     k = xg.shape[-1]
     mean = xg.mean(-1, keepdim=True)
     std = (xg.var(-1, unbiased=False, keepdim=True) + module.eps).sqrt()
     rel = (xg.abs().mean(-1, keepdim=True) + (xg - mean).abs()) / std
-    w = module.weight.float().abs().view(1, c, *[1] * (x.dim() - 2)) if module.weight is not None else 1.0
-    return gamma(k) * w * rel.reshape(x.shape) + gamma(4) * out.float().abs()
+    w = module.weight.abs().view(1, c, *[1] * (x.dim() - 2)) if module.weight is not None else 1.0
+    return k * w * rel.reshape(x.shape) + 4 * out.abs()
 
 
 _ROUNDED = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.GroupNorm)
@@ -178,17 +178,12 @@ _ROUNDED = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.GroupNorm)
 
 @contextmanager
 def _shifted(model: torch.nn.Module, sign, scale: float):
-    """Every Conv2d / Linear / GroupNorm output of ``model`` moved by sign * scale * its rounding bound
-    (sign: +1, -1, or a seed for a random sign per element)."""
+    """Every Conv2d / Linear / GroupNorm output of ``model`` moved by sign * scale * its bound in units of
+    u (sign: +1.0, -1.0, or an int seed for a random sign per element)."""
     def hook(module, inputs, out):
         with torch.no_grad():
             bound = _layer_bound(module, inputs, out)
-            if isinstance(sign, float):
-                s = sign
-            else:
-                gen = torch.Generator().manual_seed(sign)
-                s = (torch.randint(0, 2, out.shape, generator=gen) * 2.0 - 1).to(out.device)
-            return out + (s * scale * bound).to(out.dtype)
+            return out + (_random_or(sign, out) * scale * bound).to(out.dtype)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _ROUNDED)]
     try:
@@ -198,18 +193,65 @@ def _shifted(model: torch.nn.Module, sign, scale: float):
             h.remove()
 
 
-def rounding_response(run, model: torch.nn.Module, sides: int = 2, signs=(1.0, -1.0, 0)) -> float:
-    """How far ``run()`` (a float32 forward or sampling chain through ``model``) moves when every Conv2d,
-    Linear and GroupNorm output of ``model`` moves by ``sides`` times its own rounding bound, in either
-    direction or with random signs: the bound for comparing two float32 evaluations (``sides=2``) or one
-    against the exact value (``sides=1``) of the same network whose sums differ only in order.
-    Asserts the response is finite and small next to the result (a rounding-sized perturbation)."""
+def _random_or(sign, like: torch.Tensor):
+    if isinstance(sign, float):
+        return sign
+    gen = torch.Generator().manual_seed(sign)
+    return (torch.randint(0, 2, like.shape, generator=gen) * 2.0 - 1).to(like.device)
+
+
+@contextmanager
+def _shifted_update(sign, scale: float):
+    """FastSampler's float32 table update (``sampler.reverse_update_torch``, the CPU path) moved by
+    sign * scale * its bound: ``reverse_update_bound`` (gamma_8 S) plus u |out| for the float32 x
+    that the model reads."""
+    from ddpm_fast import sampler as sampler_module
+
+    if scale == 0:
+        yield
+        return
+    original = sampler_module.reverse_update_torch
+
+    def shifted(x_t, eps, table, row, noise=None, clip=None):
+        out = original(x_t, eps, table, row, noise, clip)
+        bound = reverse_update_bound(table.index_select(0, row).double().cpu(), x_t, eps, noise)
+        bound = bound + U32 * out.double().cpu().abs()
+        return out + (_random_or(sign, out) * scale * bound.to(out.device)).to(out.dtype)
+
+    sampler_module.reverse_update_torch = shifted
+    try:
+        yield
+    finally:
+        sampler_module.reverse_update_torch = original
+
+
+def rounding_response(run, model: torch.nn.Module, sides: int = 2, signs=(1.0, -1.0, 0),
+                      max_fraction: float = 1e-2, update_sides: int = 0) -> float:
+    """How far ``run()`` (a forward or sampling chain through ``model``) moves when every Conv2d, Linear
+    and GroupNorm output of ``model`` moves by ``sides`` times its own rounding bound, in either direction
+    or with random signs: the bound for comparing two evaluations (``sides=2``) or one against the exact
+    value (``sides=1``) of the same network whose sums differ only in order. u is that of the model's
+    parameter dtype (a float64 model: 2^-53).
+
+    To first order the output moves linearly with the perturbation (-bound mirrors +bound; random signs
+    sample other alignments). A real rounding error is typically ~sqrt(K) u per sum, with random signs,
+    where the perturbation uses K u: a margin of sqrt(K) >= 4 for every layer here. Asserts the response
+    is finite and below ``max_fraction`` of the result (a rounding-sized perturbation: the comparison can
+    still fail).
+
+    update_sides > 0: ``run`` samples with a FastSampler on the CPU (torch update) and is compared with
+    another chain (an oracle): its per-step update moves too, by update_sides times its float32 bound
+    (1 against a float64 update, 2 against a float32 one).
+    """
+    dtype = next(model.parameters()).dtype
+    u = U[dtype] / (1 - 5000 * U[dtype])  # gamma_n <= n times this for every n <= 5000 (the largest K here)
     with torch.no_grad():
         base = run().double()
         response = 0.0
         for sign in signs:
-            with _shifted(model, sign, float(sides)):
+            with _shifted(model, sign, sides * u), _shifted_update(sign, float(update_sides)):
                 moved = run().double()
             response = max(response, (moved - base).abs().max().item())
-    assert math.isfinite(response) and 0 < response < 1e-2 * max(base.abs().max().item(), 1e-30), response
+    scale = base.abs().max().item()
+    assert math.isfinite(response) and 0 < response < max_fraction * scale, (response, scale)
     return response
