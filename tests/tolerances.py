@@ -253,5 +253,6 @@ def rounding_response(run, model: torch.nn.Module, sides: int = 2, signs=(1.0, -
                 moved = run().double()
             response = max(response, (moved - base).abs().max().item())
     scale = base.abs().max().item()
-    assert math.isfinite(response) and 0 < response < max_fraction * scale, (response, scale)
+    # (0 when the result does not depend on the rounding, e.g. saturated by a clamp: then equality)
+    assert math.isfinite(response) and response < max_fraction * scale, (response, scale)
     return response
