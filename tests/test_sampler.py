@@ -371,7 +371,12 @@ def test_torch_compile_on_cpu_matches_eager():
     eager = FastSampler(model, schedule, timesteps=3, image_shape=(2, 4, 4)).sample(seeds=[1, 2], clamp=False)
     compiled = FastSampler(model, schedule, timesteps=3, image_shape=(2, 4, 4), compile=True)
     assert compiled.settings["compile"] == "default"
-    torch.testing.assert_close(compiled.sample(seeds=[1, 2], clamp=False), eager, rtol=1e-4, atol=1e-4)
+    # inductor's code sums and rounds in its own order: both sides' conv rounding (gamma_19 of |W| |x|,
+    # above the few ulps by which two tanh implementations differ) and update rounding, through the chain
+    eager_sampler = FastSampler(model, schedule, timesteps=3, image_shape=(2, 4, 4))
+    bound = rounding_response(lambda: eager_sampler.sample(seeds=[1, 2], clamp=False), eager_sampler.model,
+                              signs=(1.0,), update_sides=2)
+    assert_within(compiled.sample(seeds=[1, 2], clamp=False), eager, bound, "compiled vs eager")
 
 
 # -- CUDA only ------------------------------------------------------------------------------------------
