@@ -66,7 +66,7 @@ export PYTHONUNBUFFERED=1  # a step killed at its cap must not lose buffered out
 
 # The stage's prediction (NOTES.md section 5): seconds and what was counted.
 case "$stage" in
-    verify) PREDICTED_S=330 COMPILES="1 CIFAR-10 U-Net (default mode, ~50 s), ~2 tiny U-Nets (~20 s each), ~120 Triton kernel specialisations (~1 s each)" ;;
+    verify) PREDICTED_S=330 COMPILES="~120 Triton kernel specialisations (~1 s each), 2-3 tiny U-Nets (~20 s each), 1 CIFAR-10 U-Net in default mode (~50 s)" ;;
     headline) PREDICTED_S=390 COMPILES="4 CIFAR-10 U-Nets in default mode (2 ddpm_fast ~50 s, 2 diffusers-compiled ~80 s)" ;;
     full) PREDICTED_S=450 COMPILES="2 CIFAR-10 U-Nets in max-autotune (~200 s each)" ;;
     full2) PREDICTED_S=420 COMPILES="6 CIFAR-10 U-Nets in default mode (diffusers-compiled ~80 s, 5 ddpm_fast ~50 s)" ;;
@@ -139,19 +139,19 @@ bench=("$PY" -m ddpm_fast.bench --steps "$STEPS" --case-seconds 20)
 # --- the stages --------------------------------------------------------------------------------------
 case "$stage" in
 verify)
-    # Caps: pytest leaves 2 x 60 s for the kernel tables and 150 s for the sample.
-    cap=$(cap_for 200 270)
+    # Caps: pytest leaves 2 x 45 s for the kernel tables and 120 s for the sample.
+    cap=$(cap_for 240 210)
     # -v streams one line per finished test to the log: a run cut at its cap is summarised from it
     step pytest-cuda "$cap" pytest "$OUT/pytest-cuda.xml" "$OUT/pytest-cuda.log" -- \
         "$PY" -m pytest -m cuda tests -v -rA -p no:cacheprovider --junitxml "$OUT/pytest-cuda.xml"
     for dtype in fp32 bf16; do
-        reserve=150
-        [[ $dtype == fp32 ]] && reserve=210
-        step "kernels-$dtype" "$(cap_for 60 "$reserve")" kernels "$OUT/kernels-$dtype.json" "" -- \
+        reserve=120
+        [[ $dtype == fp32 ]] && reserve=165
+        step "kernels-$dtype" "$(cap_for 45 "$reserve")" kernels "$OUT/kernels-$dtype.json" "" -- \
             "$PY" benchmarks/bench_kernels.py --dtype "$dtype" --no-compile --iters 20 --repeats 3 \
             --out "$OUT/kernels-$dtype.json"
     done
-    step verify-sample "$(cap_for 150 0)" sample "$OUT/verify-sample.json" "" -- \
+    step verify-sample "$(cap_for 120 0)" sample "$OUT/verify-sample.json" "" -- \
         "$PY" benchmarks/verify_sample.py --model "${VERIFY_MODEL:-cifar10}" --batch 8 --steps 10 \
         --compile-mode "${VERIFY_COMPILE_MODE:-default}" --out "$OUT/verify-sample.json"
     ;;
