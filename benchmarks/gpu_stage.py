@@ -175,9 +175,9 @@ def _step_markdown(step: dict) -> list[str]:
                        f"{r['kernel_vs_copy']} | {r['speedup_vs_eager']} |")
     elif kind == "sample":
         out.append(f"ok {res.get('ok')}: {res.get('model')} batch {res.get('batch')} x {res.get('steps')} steps, "
-                   f"max |fast - reference| {res.get('max_abs_diff')} (tolerance {res.get('tolerance')}), rel L2 "
-                   f"{res.get('rel_l2')}, graph captured {res.get('graph_captured')}, time to first image "
-                   f"{res.get('time_to_first_image_s')} s, steady run {res.get('steady_run_s')} s")
+                   f"max |fast - reference| {_num(res.get('max_abs_diff'))} (tolerance {_num(res.get('tolerance'))}), "
+                   f"rel L2 {_num(res.get('rel_l2'))}, graph captured {res.get('graph_captured')}, time to first image "
+                   f"{_num(res.get('time_to_first_image_s'))} s, steady run {_num(res.get('steady_run_s'))} s")
     elif kind == "bench":
         from ddpm_fast.bench import markdown_report
 
@@ -185,8 +185,13 @@ def _step_markdown(step: dict) -> list[str]:
     elif kind == "pytest-benchmark":
         out += ["| test | median s | images/s |", "|---|---|---|"]
         for b in res["benchmarks"]:
-            out.append(f"| {b['name']} | {b['median_s']} | {(b.get('extra_info') or {}).get('images_per_s')} |")
+            ips = (b.get("extra_info") or {}).get("images_per_s")
+            out.append(f"| {b['name']} | {_num(b['median_s'])} | {_num(ips)} |")
     return out
+
+
+def _num(value) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else "—"
 
 
 def _write(path: Path, record: dict) -> None:
