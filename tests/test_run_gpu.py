@@ -275,16 +275,27 @@ def test_verify_sample_bf16_fast_path_within_its_derived_tolerance(tmp_path):
     assert rc == 0 and result["ok"] and result["within_tolerance"]
     assert result["sampler"]["dtype"] == "bfloat16" and result["steps"] == 3
     derivation = result["tolerance_derivation"]
-    assert derivation["eps_max_abs_diff"] > 0  # bf16 eps really differs from fp32: the bound is not vacuous
-    assert result["tolerance"] == pytest.approx(derivation["safety"] * derivation["sum_abs_eps_coefficients"]
-                                                * derivation["per_step_eps_error"])
-    assert 0 < result["max_abs_diff"] <= result["tolerance"]
+    assert derivation["low_dtype"] == "bfloat16" and derivation["eps_max_abs_diff"] > 0
+    # bf16 really moves the reference chain, and the tolerance is a few times that, far under the image range
+    assert 0 < derivation["reference_low_max_abs_diff"] < 0.5
+    assert result["tolerance"] == pytest.approx(derivation["safety"] * derivation["reference_low_max_abs_diff"]
+                                                + derivation["fp32_floor"])
+    assert derivation["fp32_floor"] < 0.01 * result["tolerance"]
+    assert 0 < result["max_abs_diff"] <= result["tolerance"] < 2.0
     assert result["time_to_first_image_s"] > 0 and result["graph_captured"] is None  # no graphs on a CPU
 
 
 def test_verify_sample_fails_when_the_bound_is_too_tight(tmp_path):
     rc, result = _verify_sample(tmp_path, "--dtype", "bfloat16", "--safety", "1e-6")
     assert rc == 1 and not result["ok"] and result["max_abs_diff"] > result["tolerance"]
+
+
+def test_verify_sample_fp32_fast_path_has_an_fp32_tolerance(tmp_path):
+    rc, result = _verify_sample(tmp_path)  # FastSampler's CPU default: fp32
+    derivation = result["tolerance_derivation"]
+    assert derivation["low_dtype"] == "float32" and derivation["reference_low_max_abs_diff"] == 0
+    assert rc == 0 and result["max_abs_diff"] <= result["tolerance"] == pytest.approx(derivation["fp32_floor"])
+    assert result["tolerance"] < 1e-3
 
 
 def test_verify_sample_eps_gain_bounds_a_perturbed_step():
