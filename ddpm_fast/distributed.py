@@ -26,7 +26,7 @@ import torch
 from .errors import DDPMFastError
 
 __all__ = ["Group", "DistributedError", "process_group", "current_group", "launched", "env_rank",
-           "env_world_size", "resolve_device", "deal", "collective_errors", "group_was_started",
+           "env_world_size", "planned_world_size", "resolve_device", "deal", "collective_errors", "group_was_started",
            "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S"]
 
 TIMEOUT_ENV = "DDPM_FAST_DIST_TIMEOUT"
@@ -72,6 +72,15 @@ def env_rank() -> int:
 def env_world_size() -> int:
     """The number of processes from the environment (1 without a launcher)."""
     return _env_int("WORLD_SIZE", 1) if launched() else 1
+
+
+def planned_world_size() -> int:
+    """The world size a run will have: an initialized group's, else the environment's (1 without a
+    launcher). Needs no collective, so it can be checked before the ranks meet."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return env_world_size()
 
 
 def timeout_seconds() -> float:

@@ -47,7 +47,7 @@ from .checkpoint import (
     save_checkpoint,
     write_json_atomic,
 )
-from .distributed import Group, collective_errors, current_group, env_world_size, process_group, resolve_device
+from .distributed import Group, collective_errors, planned_world_size, process_group, resolve_device
 from .errors import CheckpointError, DDPMFastError
 from .preemption import StopSignals
 from .schedule import NoiseSchedule
@@ -495,7 +495,7 @@ def train(config: TrainConfig, *, dataset=None, on_log=None) -> RunResult:
     the run after the current step with a checkpoint (``RunResult.stopped_by`` names the signal).
     """
     config, existing = _prepare_config(_label_data(config, dataset))
-    world = current_group().world_size if current_group().active else env_world_size()
+    world = planned_world_size()
     if config.batch_size % world:  # checked before the group starts: every rank fails the same way
         raise DDPMFastError(_indivisible_batch(config.batch_size, world))
     with process_group(config.device) as group:
