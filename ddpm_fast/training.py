@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .checks import host_to_device
 from .checkpoint import (
     EMA_FILE,
     MODEL_FILE,
@@ -299,7 +300,7 @@ class Trainer:
         t = self.timesteps_at(step, total)[first:first + batch]
         seeds = self.noise_seeds(total)[first:first + batch]
         x_t, eps = ops.q_sample_seeded(x0, t, self.schedule, seeds, step)
-        t = t.to(self.device, non_blocking=True)
+        t = host_to_device(t, self.device)  # checked and uploaded by ops too; this copy feeds the model
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.dtype == "bf16"):
             eps_pred = self._forward(x_t, t)
         return F.mse_loss(eps_pred.float(), eps.float())
