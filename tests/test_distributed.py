@@ -21,6 +21,7 @@ import torch
 
 from ddpm_fast import cli
 from ddpm_fast.checkpoint import load_checkpoint
+from ddpm_fast.data import to_uint8_nhwc
 from ddpm_fast.distributed import Group, deal
 from ddpm_fast.generate import format_seeds, parse_seeds, sample_to_folder
 from ddpm_fast.preemption import StopSignals
@@ -170,10 +171,29 @@ def test_two_processes_train_to_the_weights_of_one_up_to_float_order(two_process
 
 
 def test_two_process_sampling_writes_the_one_process_bytes(two_process_run, tmp_path):
+    # One torchrun job does both: the command (rank 0 writes the npz, each rank its own PNGs), then
+    # generate() from Python inside a process group (every rank gets all images back, in seed order).
     out2 = tmp_path / "S2"
-    done = _torchrun("sample", str(two_process_run), "--seeds", "0-31", "--steps", "20", "--out", str(out2),
-                     "--device", "cpu", "--png-per-image", "--no-progress")
+    script = tmp_path / "sample_two.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, torch
+        from ddpm_fast import cli
+        from ddpm_fast.distributed import process_group
+        from ddpm_fast.generate import generate, load_model_source
+        status = cli.main(["sample", {str(two_process_run)!r}, "--seeds", "0-31", "--steps", "20", "--out",
+                           {str(out2)!r}, "--device", "cpu", "--png-per-image", "--no-progress"])
+        if status:
+            sys.exit(status)
+        with process_group("cpu") as group:
+            model, schedule, _ = load_model_source({str(two_process_run)!r})
+            images = generate(model, schedule, range(5, 12), steps=20, batch_size=2)
+            torch.save(images, {str(tmp_path)!r} + f"/generate_rank{{group.rank}}.pt")
+    """))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("sampled 32 images") == 1  # rank 0 alone reports
+
     one = sample_to_folder(two_process_run, tmp_path / "S1", parse_seeds("0-31"), steps=20, device="cpu",
                            png_per_image=True)
     assert (out2 / "samples.npz").read_bytes() == one.paths["npz"].read_bytes()
@@ -186,6 +206,14 @@ def test_two_process_sampling_writes_the_one_process_bytes(two_process_run, tmp_
     assert run["world_size"] == 2 and run["backend"] == "gloo" and run["seeds"] == "0-31"
     assert run["checkpoint_step"] == 50 and run["ema"] is True and run["sampling"]["steps"] == 20
     assert json.loads((tmp_path / "S1" / "run.json").read_text())["world_size"] == 1
+
+    # generate() under the group: seeds 5..11 dealt in batches of 2, the same images on both ranks as
+    # one process makes (images 5..11 of the 32 above, since image i depends on seed i alone)
+    expected = np.load(one.paths["npz"])["arr_0"][5:12]
+    for rank in range(2):
+        images = torch.load(tmp_path / f"generate_rank{rank}.pt")
+        assert images.shape == (7, 1, 8, 8) and images.dtype == torch.float32
+        assert np.array_equal(to_uint8_nhwc(images), expected)
 
 
 # --------------------------------------------------------------------------------------------------
