@@ -263,7 +263,9 @@ def process_group(device=None):
 
     device: as for :func:`resolve_device` (each rank gets ``cuda:LOCAL_RANK`` on CUDA). Backend: nccl
     for CUDA, gloo for the CPU. Without torchrun's environment nothing is started (``Group()`` on the
-    resolved device). A group initialized by the caller is used as it is and left open.
+    resolved device). A group initialized by the caller is used as it is and left open: a script that
+    runs several jobs in one torchrun process wraps them all in one ``with process_group(...)`` block
+    (joining a second time after leaving does not work reliably under torchrun's rendezvous store).
     """
     global _started
     dist = torch.distributed

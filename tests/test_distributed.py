@@ -171,8 +171,8 @@ def test_two_processes_train_to_the_weights_of_one_up_to_float_order(two_process
 
 
 def test_two_process_sampling_writes_the_one_process_bytes(two_process_run, tmp_path):
-    # One torchrun job does both: the command (rank 0 writes the npz, each rank its own PNGs), then
-    # generate() from Python inside a process group (every rank gets all images back, in seed order).
+    # One torchrun job, one process group, does both: the command (rank 0 writes the npz, each rank its
+    # own PNGs), then generate() from Python (every rank gets all images back, in seed order).
     out2 = tmp_path / "S2"
     script = tmp_path / "sample_two.py"
     script.write_text(textwrap.dedent(f"""
@@ -180,11 +180,11 @@ def test_two_process_sampling_writes_the_one_process_bytes(two_process_run, tmp_
         from ddpm_fast import cli
         from ddpm_fast.distributed import process_group
         from ddpm_fast.generate import generate, load_model_source
-        status = cli.main(["sample", {str(two_process_run)!r}, "--seeds", "0-31", "--steps", "20", "--out",
-                           {str(out2)!r}, "--device", "cpu", "--png-per-image", "--no-progress"])
-        if status:
-            sys.exit(status)
-        with process_group("cpu") as group:
+        with process_group("cpu") as group:  # the command finds this group and uses it
+            status = cli.main(["sample", {str(two_process_run)!r}, "--seeds", "0-31", "--steps", "20", "--out",
+                               {str(out2)!r}, "--device", "cpu", "--png-per-image", "--no-progress"])
+            if status:
+                sys.exit(status)
             model, schedule, _ = load_model_source({str(two_process_run)!r})
             images = generate(model, schedule, range(5, 12), steps=20, batch_size=2)
             torch.save(images, {str(tmp_path)!r} + f"/generate_rank{{group.rank}}.pt")
