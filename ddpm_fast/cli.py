@@ -35,7 +35,9 @@ def _add_train(sub) -> None:
     p.add_argument("--preset", default="digits", choices=["digits", "cifar10", "tiny"],
                    help="model size and recipe (default: digits; cifar10 = Ho et al.'s model and recipe)")
     p.add_argument("--steps", type=positive_int, help="total optimizer steps (default: the preset's)")
-    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int,
+                   help="the global batch: under torchrun it is split evenly over the processes (default: "
+                        "the preset's)")
     p.add_argument("--lr", type=positive_float, help="Adam learning rate (cifar10: 2e-4, digits: 1e-3)")
     p.add_argument("--warmup", type=nonnegative_int, help="linear lr warmup steps")
     p.add_argument("--ema-decay", type=float, help="EMA decay (cifar10: 0.9999, digits: 0.999)")

@@ -542,7 +542,7 @@ def _train_in_group(config: TrainConfig, existing: Path | None, group: Group, da
                 bar.update(1)
                 step = trainer.step
                 # every rank stops after the same step: one host-side flag exchange per step (no GPU sync)
-                stopping = group.any(stop.requested)
+                stopping = group.any(stop.requested) and step < steps  # at the last step the run is done anyway
                 saving = (config.save_every and step % config.save_every == 0) or step == steps or stopping
                 if step % config.log_every == 0 or saving:  # a checkpoint is written only after a finite loss
                     # the loss averaged over the ranks, here only: the one host sync in the loop
