@@ -407,12 +407,13 @@ def _sample_dealt_to_folder(model, schedule, seeds, out_dir, *, group: Group, pn
 
 
 def write_run_record(out_dir, *, source, meta: dict, settings: dict, seeds, batch_size, world_size: int,
-                     backend: str | None, seconds: float) -> Path:
+                     backend: str | None, seconds: float, extra: dict | None = None) -> Path:
     """Write ``out_dir/run.json`` (atomically): what made this folder of samples, so it can be made again.
 
     Holds the source (as given and as resolved), checkpoint step, EMA or raw weights, the seeds (as a
     --seeds string), the sampling settings (steps, variance, clip_x0, sampler, device and whatever else
     ``settings`` carries), batch size, world size and backend, software versions and the wall time.
+    extra: more JSON-able entries (e.g. a quality figure computed from the samples) merged in last.
     """
     from . import __version__
 
@@ -424,5 +425,6 @@ def write_run_record(out_dir, *, source, meta: dict, settings: dict, seeds, batc
         "versions": {"ddpm_fast": __version__, "torch": torch.__version__, "python": platform.python_version(),
                      "cuda": torch.version.cuda},
         "command": sys.argv, "wall_seconds": seconds, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
     }
     return write_json_atomic(Path(out_dir) / RUN_FILE, record)
