@@ -262,7 +262,8 @@ class FastSampler:
         if self.solver.multistep:
             table = solvers.solver_table(self.schedule, steps, self.solver)
         else:
-            table = coef.reverse_table(self.schedule, steps, self.variance, self.clip is not None, self.eta)
+            table = coef.reverse_table(self.schedule, steps, self.variance, self.clip is not None, self.eta,
+                                       recompute_eps=self.solver.use_clipped_model_output)
         if last_sigma is not None:
             table[-1, coef.SIGMA] = float(last_sigma)
         self.timesteps = list(steps)

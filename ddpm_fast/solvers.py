@@ -58,7 +58,9 @@ class SolverSpec:
     order anyway with final sigma zero). disable_corrector: UniPC step indices whose corrector is off
     (diffusers' list); corrector=False in :func:`solver_spec` disables it everywhere.
     timestep_spacing / steps_offset: how an int step count becomes timesteps (diffusers' set_timesteps).
-    eta: DDIM's eta (solver "ddim").
+    eta: DDIM's eta (solver "ddim"). use_clipped_model_output: DDIM with clip_x0 recomputes eps from the
+    clipped x0 (True, the default) or keeps the model's eps (False: DDIMScheduler.step's default, what
+    DDPMPipeline runs).
     """
 
     name: str
@@ -69,6 +71,7 @@ class SolverSpec:
     timestep_spacing: str = "linspace"
     steps_offset: int = 0
     eta: float | None = None
+    use_clipped_model_output: bool = True
     _checked: bool = field(default=False, repr=False, compare=False)
 
     @property
@@ -100,7 +103,7 @@ class SolverSpec:
             if self.corrects:
                 out["disable_corrector"] = list(self.disable_corrector)
         elif self.name == "ddim":
-            out["eta"] = self.eta
+            out.update(eta=self.eta, use_clipped_model_output=self.use_clipped_model_output)
         return out
 
 
