@@ -320,13 +320,14 @@ def _unipc_update(x, m_new, x0s, lams, lam_t, a_t, s_t, s_0, order, solver_type,
 @torch.no_grad()
 def solver_sample(model, schedule: NoiseSchedule, x_T: torch.Tensor, solver="dpmpp-2m", timesteps=20,
                   noise_fn=None, trajectory: bool = False):
-    """Sample with a multistep solver (DPM-Solver++ 2M/3M/2M-SDE or UniPC), eager and in float64.
+    """Sample with a multistep solver (DPM-Solver++ 2M/3M/2M-SDE or UniPC), eager, the update in float64.
 
     x_T: (B, C, H, W) start noise. solver: a name from ``solvers.MULTISTEP_SOLVERS`` or a ``SolverSpec``
     (options: order, solver_type, lower_order_final, corrector, spacing). timesteps: an int n (the spec's
     spacing, as diffusers' set_timesteps(n)) or a descending list. noise_fn(t, shape) gives the SDE's z
-    after visiting t (dpmpp-2m-sde only; e.g. seed-keyed noise or a list of draws). Returns x_0 (float64),
-    or the list of x after every step when ``trajectory``. model: callable (x, t int64 (B,)) -> eps.
+    after visiting t (dpmpp-2m-sde only; e.g. seed-keyed noise or a list of draws). The update runs in
+    float64; returns x_0 in x_T's dtype, or the list of x after every step when ``trajectory``.
+    model: callable (x in x_T's dtype, t int64 (B,)) -> eps.
     """
     from .solvers import _alpha_sigma_lambda, solver_orders, solver_spec, solver_timesteps
 
@@ -350,7 +351,9 @@ def solver_sample(model, schedule: NoiseSchedule, x_T: torch.Tensor, solver="dpm
     for k, t in enumerate(steps):
         a_s, s_s, l_s = points[k]
         a_t, s_t, l_t = points[k + 1]
-        eps = model(x, torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)).to(torch.float64)
+        # the model sees x in x_T's dtype (its own); the update runs in float64
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
+        eps = model(x.to(x_T.dtype), t_batch).to(torch.float64)
         m = (x - s_s * eps) / a_s  # predict_x0
         if spec.name == "unipc":
             if corr_orders[k]:  # UniC: correct x_{t_k} with the new model output, from the last sample
@@ -369,5 +372,5 @@ def solver_sample(model, schedule: NoiseSchedule, x_T: torch.Tensor, solver="dpm
                 z = noise_fn(t, tuple(x.shape)).to(device=x.device, dtype=torch.float64) if k < len(steps) - 1 \
                     else torch.zeros_like(x)  # sigma_t = 0 at the clean end
             x = _dpmpp_update(x, x0s, lams, a_t, s_t, s_s, l_t - l_s, pred_orders[k], spec.solver_type, z)
-        path.append(x)
-    return path if trajectory else x
+        path.append(x.to(x_T.dtype))
+    return path if trajectory else path[-1]
