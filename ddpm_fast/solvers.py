@@ -138,6 +138,9 @@ def _check(spec: SolverSpec) -> SolverSpec:
         spec = replace(spec, eta=float(eta))
     elif spec.eta is not None:
         raise ValueError(f"eta applies to the 'ddim' solver only, not {spec.name!r}")
+    if not spec.multistep and (spec.order or spec.solver_type or spec.disable_corrector):
+        raise ValueError(f"order, solver_type and the corrector options apply to the multistep solvers "
+                         f"({', '.join(MULTISTEP_SOLVERS)}), not {spec.name!r}")
     if spec.multistep:
         if isinstance(spec.order, bool) or spec.order not in (1, 2, 3):
             raise ValueError(f"solver order must be 1, 2 or 3, got {spec.order!r}")
