@@ -24,14 +24,13 @@ import triton.language as tl
 
 from .random import philox_randn
 from .utils import (check_image, check_index_tensor, check_same_image, check_table, dense, is_channels_last,
-                    launch_config, layout_index, require_dense)
+                    launch_config, layout_index, noise_source, require_dense)
 
 __all__ = ["solver_update", "NUM_SOLVER_COLUMNS"]
 
 # ddpm_fast.solvers' layout: 0 t, 1 sqrt(1/ab), 2 sqrt(1/ab - 1), 3 c_x0, 4 c_xt, 5 c_eps, 6 sigma,
 # 8..10 c_h1..c_h3, 11 k_x, 12 k_last, 13 k_m, 14..16 k_h1..k_h3
 NUM_SOLVER_COLUMNS = 24
-NOISE_NONE, NOISE_GIVEN, NOISE_SEEDED = 0, 1, 2
 
 
 @triton.jit
@@ -117,16 +116,8 @@ def solver_update(x, eps, table, row, history=(), last=None, *, seeds=None, nois
         if h.dtype != torch.float32 or not h.is_contiguous(memory_format=torch.channels_last if cl else
                                                             torch.contiguous_format):
             raise ValueError(f"{name} must be float32 in x's memory layout (it is updated in place)")
-    if seeds is not None and noise is not None:
-        raise ValueError("give at most one of seeds (in-kernel noise) or noise (a tensor)")
     eps = dense(eps)
-    mode, z = NOISE_NONE, x  # z is an unused pointer unless noise is given
-    if noise is not None:
-        check_same_image(noise, x, "noise", "x")
-        mode, z = NOISE_GIVEN, dense(noise)
-    elif seeds is not None:
-        check_index_tensor(seeds, "seeds", (batch,), device)
-        mode = NOISE_SEEDED
+    mode, z = noise_source(x, seeds, noise)
     slots = list(history) + [x] * (3 - len(history))  # unused history pointers are never read
     _, c, h, w = x.shape
     block, num_warps, grid = launch_config(c * h * w, batch)

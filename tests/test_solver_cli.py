@@ -5,25 +5,9 @@ import numpy as np
 import pytest
 
 from ddpm_fast.cli import main
-
-TINY = ["--preset", "tiny", "--unet-channels", "8,16", "--batch-size", "8", "--no-progress"]
+from test_cli import _error_line, trained_run  # noqa: F401 - the tiny trained run fixture and the error-line check
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("solver-cli") / "run"
-    assert main(["train", "--data", "digits", "--out", str(run), "--steps", "2", "--save-every", "2", *TINY]) == 0
-    return run
-
-
-def _error_line(capsys):
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ddpm-fast: error: "), err
-    return lines[0]
 
 
 @pytest.mark.parametrize("solver,extra", [("dpmpp-2m", []), ("unipc", ["--solver-order", "3", "--solver-type", "bh1"]),

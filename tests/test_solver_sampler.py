@@ -14,20 +14,13 @@ import torch
 
 from ddpm_fast import NoiseSchedule, ops, reference, solvers
 from ddpm_fast.sampler import FastSampler, solver_update_torch
-from ddpm_fast.unet import UNet, UNetConfig
+from test_sampler import tiny_unet
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 SOLVER_CASES = [("dpmpp-2m", {}), ("dpmpp-3m", {}), ("dpmpp-2m-sde", {}), ("unipc", {}),
                 ("unipc", {"order": 3, "solver_type": "bh1"}), ("dpmpp-2m", {"solver_type": "heun", "order": 1}),
                 ("unipc", {"corrector": False, "timestep_spacing": "trailing"})]
-
-
-def tiny_unet(seed=0, channels=3, size=8) -> UNet:
-    torch.manual_seed(seed)
-    config = UNetConfig.tiny(sample_size=size, in_channels=channels, out_channels=channels,
-                             block_out_channels=(8, 16), norm_num_groups=4)
-    return UNet(config).eval()
 
 
 @pytest.fixture(scope="module")
