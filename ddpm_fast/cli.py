@@ -8,6 +8,8 @@ line, ``ddpm-fast: error: ...``, and exits with status 2; argparse does the same
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import sys
 
 from .argtypes import nonnegative_int, positive_float, positive_int
@@ -34,7 +36,9 @@ def _add_train(sub) -> None:
     p.add_argument("--preset", default="digits", choices=["digits", "cifar10", "tiny"],
                    help="model size and recipe (default: digits; cifar10 = Ho et al.'s model and recipe)")
     p.add_argument("--steps", type=positive_int, help="total optimizer steps (default: the preset's)")
-    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int,
+                   help="the global batch: under torchrun it is split evenly over the processes (default: "
+                        "the preset's)")
     p.add_argument("--lr", type=positive_float, help="Adam learning rate (cifar10: 2e-4, digits: 1e-3)")
     p.add_argument("--warmup", type=nonnegative_int, help="linear lr warmup steps")
     p.add_argument("--ema-decay", type=float, help="EMA decay (cifar10: 0.9999, digits: 0.999)")
@@ -52,6 +56,7 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
+    from .distributed import env_rank
     from .training import TrainConfig, train
 
     unet = {}
@@ -67,6 +72,14 @@ def _run_train(args) -> int:
                          device=args.device, compile=args.compile, resume=args.resume, progress=args.progress,
                          unet=unet)
     result = train(config)
+    if env_rank() != 0:  # rank 0 speaks for the job
+        return _stop_status(result.stopped_by) if result.stopped_by else 0
+    if result.stopped_by:
+        again = " (under torchrun as before, at any number of processes)" if result.world_size > 1 else ""
+        print(f"ddpm-fast: stopped by {result.stopped_by} after step {result.step}: checkpoint "
+              f"{result.checkpoint}; continue with: ddpm-fast train --out {shlex.quote(str(result.run_dir))} "
+              f"--resume{again}", file=sys.stderr)
+        return _stop_status(result.stopped_by)
     if result.resumed_from is not None and result.resumed_from >= result.step:
         print(f"{result.run_dir} is already at step {result.step}: pass a larger --steps to train on")
         return 0
@@ -75,6 +88,14 @@ def _run_train(args) -> int:
           f"{result.images_per_second:,.0f} images/s, {result.train_seconds:.1f} s; "
           f"checkpoint {result.checkpoint}")
     return 0
+
+
+def _stop_status(signal_name: str) -> int:
+    """128 + the signal's number, the shell's convention for a process ended by a signal."""
+    try:
+        return 128 + signal.Signals[signal_name].value
+    except KeyError:  # another rank's signal stopped this one
+        return 128 + signal.SIGTERM.value
 
 
 def _add_sample(sub) -> None:
@@ -112,11 +133,14 @@ def _add_sample(sub) -> None:
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
     p.add_argument("--reference", action="store_true",
                    help="sample with the oracle (reference.sample) on the same seed-keyed noise")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available; cuda:LOCAL_RANK "
+                                    "under torchrun)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_run_sample)
 
 
 def _run_sample(args) -> int:
+    from .distributed import env_rank
     from .generate import parse_seeds, sample_to_folder
 
     seeds = parse_seeds(args.seeds)
@@ -126,7 +150,9 @@ def _run_sample(args) -> int:
     result = sample_to_folder(args.source, args.out, seeds, steps=args.steps, variance=args.variance,
                               clip_x0=args.clip, reference=args.reference, batch_size=args.batch_size,
                               png_per_image=args.png_per_image, use_ema=args.ema, device=args.device,
-                              solver=args.solver, solver_options=options)
+                              solver=args.solver, solver_options=options, progress=args.progress)
+    if env_rank() != 0:
+        return 0
     s, m = result.settings, result.meta
     step = f" step {m['step']}" if m.get("step") is not None else ""
     solver = s["solver"]
@@ -135,7 +161,7 @@ def _run_sample(args) -> int:
     print(f"sampled {result.num_images} images from {m['path']}{step} ({m['weights']} weights) with "
           f"{s['sampler']}, {solver['solver']}{f' ({detail})' if detail else ''}, {s['steps']} steps, {noise}"
           f"clip {'on' if s['clip_x0'] else 'off'}, on {s['device']} in {result.seconds:.1f} s")
-    print(f"wrote {result.paths['grid']} and {result.paths['npz']}"
+    print(f"wrote {result.paths['grid']}, {result.paths['npz']} and {result.paths['run']}"
           + (f" and {result.paths['images']}/" if "images" in result.paths else ""))
     return 0
 
@@ -211,6 +237,15 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return EXIT_INTERRUPTED
     first_line = message.strip().splitlines()[0] if message.strip() else "failed"
+    from .distributed import env_rank, env_world_size, group_was_started
+
+    rank = env_rank()
+    if rank != 0 and env_world_size() > 1:
+        if not group_was_started():
+            # raised before the ranks met: a function of the command line and the files, so every rank
+            # raised the same error and rank 0 has printed it
+            return EXIT_USAGE
+        first_line = f"rank {rank}: {first_line}"
     print(f"ddpm-fast: error: {first_line}", file=sys.stderr)
     return EXIT_USAGE
 
