@@ -132,7 +132,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--png-per-image", action="store_true", help="also write DIR/images/seedNNNNNN.png")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
     p.add_argument("--reference", action="store_true",
-                   help="sample with the oracle (reference.sample) on the same seed-keyed noise")
+                   help="sample with the oracle (reference.sample, reference.solver_sample for the multistep "
+                        "solvers) on the same seed-keyed noise")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available; cuda:LOCAL_RANK "
                                     "under torchrun)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

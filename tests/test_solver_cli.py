@@ -1,6 +1,8 @@
 """`ddpm-fast sample --solver ...` end to end on a tiny run: the fast path equals the oracle on the same
 seeds, the options reach the sampler, and bad combinations are one-line errors."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -21,6 +23,8 @@ def test_sample_with_a_solver_equals_the_oracle(trained_run, tmp_path, capsys, s
     fast = np.load(tmp_path / "fast" / "samples.npz")["arr_0"].astype(int)
     ref = np.load(tmp_path / "ref" / "samples.npz")["arr_0"].astype(int)
     assert fast.shape == (3, 8, 8, 1)
+    record = json.loads((tmp_path / "fast" / "run.json").read_text())["sampling"]
+    assert record["solver"]["solver"] == solver and record["steps"] == 4 and record["clip_x0"] is False
     # uint8 pixels from float32 vs float64 updates: at most one rounding step apart
     assert np.abs(fast - ref).max() <= 1 and fast.std() > 5
 
