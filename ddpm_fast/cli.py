@@ -14,6 +14,7 @@ import sys
 
 from .argtypes import nonnegative_int, positive_float, positive_int
 from .errors import DDPMFastError
+from .solvers import SOLVERS
 
 __all__ = ["main", "build_parser"]
 
@@ -101,13 +102,26 @@ def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="sample images from a run, a checkpoint or a diffusers UNet folder",
                        description="Write DIR/grid.png and DIR/samples.npz (arr_0: uint8 NHWC). Image i is a "
                                    "pure function of seed i, whatever the batch size.")
-    p.add_argument("source", help="a run folder, a checkpoint (step folder or .safetensors) or a diffusers "
-                                  "UNet folder")
+    p.add_argument("source", help="a run folder, a checkpoint (step folder or .safetensors), a diffusers "
+                                  "UNet or pipeline folder, or a hub id such as google/ddpm-cifar10-32 (read "
+                                  "from the Hugging Face cache; HF_HUB_OFFLINE=1 works once cached)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seeds", default="0-63", help="seeds, one image each: '0-63', '1,5,9', '0-3,10' "
                                                    "(default 0-63)")
-    p.add_argument("--steps", type=positive_int, help="sampling steps (default: all T; fewer uses "
-                                                       "diffusers' leading spacing)")
+    p.add_argument("--steps", type=positive_int, help="sampling steps (default: all T for ddpm/ddim, 20 for "
+                                                       "the multistep solvers; fewer than T uses the "
+                                                       "scheduler's spacing: leading for ddpm/ddim)")
+    p.add_argument("--solver", choices=list(SOLVERS),
+                   help="ddpm (ancestral, the default for ddpm-fast runs), ddim (eta 0), dpmpp-2m, dpmpp-3m, "
+                        "dpmpp-2m-sde (DPM-Solver++) or unipc; default: a saved pipeline's scheduler")
+    p.add_argument("--solver-order", type=int, choices=[1, 2, 3], help="multistep solver order (default: "
+                                                                      "2, 3 for dpmpp-3m)")
+    p.add_argument("--solver-type", choices=["midpoint", "heun", "bh1", "bh2"],
+                   help="midpoint/heun (dpmpp-*, default midpoint) or bh1/bh2 (unipc, default bh2)")
+    p.add_argument("--no-corrector", dest="corrector", action="store_false", default=None,
+                   help="unipc without its corrector")
+    p.add_argument("--timestep-spacing", choices=["linspace", "leading", "trailing"],
+                   help="how --steps picks timesteps for the multistep solvers (default linspace)")
     p.add_argument("--variance", choices=["fixed_large", "fixed_small"],
                    help="sigma^2 = beta (fixed_large, Ho; the default for ddpm-fast runs) or the posterior "
                         "variance (fixed_small)")
@@ -118,7 +132,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--png-per-image", action="store_true", help="also write DIR/images/seedNNNNNN.png")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
     p.add_argument("--reference", action="store_true",
-                   help="sample with the oracle (reference.sample) on the same seed-keyed noise")
+                   help="sample with the oracle (reference.sample, reference.solver_sample for the multistep "
+                        "solvers) on the same seed-keyed noise")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available; cuda:LOCAL_RANK "
                                     "under torchrun)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -130,17 +145,23 @@ def _run_sample(args) -> int:
     from .generate import parse_seeds, sample_to_folder
 
     seeds = parse_seeds(args.seeds)
+    options = {key: value for key, value in (("order", args.solver_order), ("solver_type", args.solver_type),
+                                             ("corrector", args.corrector),
+                                             ("timestep_spacing", args.timestep_spacing)) if value is not None}
     result = sample_to_folder(args.source, args.out, seeds, steps=args.steps, variance=args.variance,
                               clip_x0=args.clip, reference=args.reference, batch_size=args.batch_size,
                               png_per_image=args.png_per_image, use_ema=args.ema, device=args.device,
-                              progress=args.progress)
+                              solver=args.solver, solver_options=options, progress=args.progress)
     if env_rank() != 0:
         return 0
     s, m = result.settings, result.meta
     step = f" step {m['step']}" if m.get("step") is not None else ""
+    solver = s["solver"]
+    detail = ", ".join(f"{k} {v}" for k, v in solver.items() if k in ("order", "solver_type", "eta"))
+    noise = f"{s['variance']}, " if solver["solver"] == "ddpm" else ""
     print(f"sampled {result.num_images} images from {m['path']}{step} ({m['weights']} weights) with "
-          f"{s['sampler']}, {s['steps']} steps, {s['variance']}, clip {'on' if s['clip_x0'] else 'off'}, on "
-          f"{s['device']} in {result.seconds:.1f} s")
+          f"{s['sampler']}, {solver['solver']}{f' ({detail})' if detail else ''}, {s['steps']} steps, {noise}"
+          f"clip {'on' if s['clip_x0'] else 'off'}, on {s['device']} in {result.seconds:.1f} s")
     print(f"wrote {result.paths['grid']}, {result.paths['npz']} and {result.paths['run']}"
           + (f" and {result.paths['images']}/" if "images" in result.paths else ""))
     return 0

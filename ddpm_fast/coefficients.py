@@ -32,13 +32,16 @@ def reverse_table(
     variance: str = "fixed_large",
     clip_x0: bool = False,
     eta: float | None = None,
+    recompute_eps: bool = True,
 ) -> torch.Tensor:
     """The (S, NUM_COLUMNS) float64 CPU table of one sampler; S = number of visited steps.
 
     timesteps: None, an int or a descending list (see ``checks.resolve_timesteps``). eta=None gives
     DDPM ancestral steps (variance "fixed_large" or "fixed_small"; clip_x0 chooses the clipped
     posterior-mean form, otherwise the paper's eps form); a float gives DDIM with that eta.
-    SIGMA is 0 on the last row: no noise at the last step.
+    SIGMA is 0 on the last row: no noise at the last step. recompute_eps (DDIM with clipping): the
+    direction term uses eps recomputed from the clipped x0 (True) or the model's eps (False, diffusers'
+    DDIMScheduler.step default use_clipped_model_output=False).
     """
     check_variance(variance)
     steps = resolve_timesteps(timesteps, schedule.num_timesteps)
@@ -67,7 +70,7 @@ def reverse_table(
     else:
         s = check_eta(eta) * ((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev)).sqrt()
         direction = (1.0 - ab_prev - s**2).clamp(min=0.0).sqrt()
-        if clip_x0:
+        if clip_x0 and recompute_eps:
             # eps is recomputed from the clipped x0: eps' = (x_t - sqrt(ab) x0) / sqrt(1 - ab)
             table[:, C_X0] = ab_prev.sqrt() - direction * ab.sqrt() / (1.0 - ab).sqrt()
             table[:, C_XT] = direction / (1.0 - ab).sqrt()

@@ -1,11 +1,12 @@
 """From a trained model to image files, in one straight line:
 
-1. :func:`load_model_source` - a run folder, a checkpoint (step folder or ``.safetensors`` file) or a
-   diffusers UNet folder becomes ``(model, schedule, meta)``; EMA weights by default.
+1. :func:`load_model_source` - a run folder, a checkpoint (step folder or ``.safetensors`` file), a
+   diffusers UNet folder or a hub id (``google/ddpm-cifar10-32``, through the Hugging Face cache, see
+   ``hub.py``) becomes ``(model, schedule, meta)``; EMA weights by default.
 2. :func:`generate` - seeds become images. Image i starts from x_T = noise keyed by (seed_i, T) and every
    step adds z keyed by (seed_i, t) (``ops.seeded_noise``), so it is a pure function of seed i whatever
    the batch size. ``FastSampler`` runs the loop by default; ``reference=True`` runs the oracle
-   ``reference.sample`` on the same noise.
+   ``reference.sample`` (``reference.solver_sample`` for the multistep solvers) on the same noise.
 3. :func:`write_samples` - float images in [-1, 1] become ``grid.png``, ``samples.npz`` (guided-diffusion's
    format: ``arr_0``, uint8, NHWC) and optionally one PNG per image.
 
@@ -33,8 +34,12 @@ from .checkpoint import (EMA_FILE, MODEL_FILE, atomic_write, build_model, load_c
 from .checks import model_device
 from .distributed import Group, current_group, deal, process_group
 from .errors import CheckpointError
+from .hub import resolve_source
 from .sampler import DEFAULT_BATCH_SIZE, SEED_LIMIT
 from .schedule import NoiseSchedule
+from .solvers import SolverSpec, solver_spec
+
+DEFAULT_SOLVER_STEPS = 20  # a multistep solver without --steps: diffusers' usual few-step budget
 
 __all__ = ["parse_seeds", "format_seeds", "load_model_source", "generate", "write_samples", "sample_to_folder",
            "SampleResult", "RUN_FILE"]
@@ -111,20 +116,24 @@ def _diffusers_schedule(unet_folder: Path) -> tuple[NoiseSchedule, dict]:
                   unet_folder / "scheduler" / "scheduler_config.json"]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
-        return NoiseSchedule.linear(1000), {"variance": "fixed_large", "clip_x0": True, "scheduler": None}
+        return NoiseSchedule.linear(1000), {"variance": "fixed_large", "clip_x0": True, "scheduler": None,
+                                            "solver": solver_spec("ddpm")}
     cfg = read_json(path)
     if cfg.get("prediction_type", "epsilon") != "epsilon":
         raise CheckpointError(f"{path}: prediction_type {cfg['prediction_type']!r} is not supported "
                               "(ddpm-fast samples eps-prediction models)")
-    from .pipeline import schedule_from_scheduler_config
+    from .pipeline import SCHEDULERS, schedule_from_scheduler_config, scheduler_settings
 
     try:
         schedule = schedule_from_scheduler_config(cfg)
+        # the saved scheduler's solver when we implement it; DDPM steps for any other scheduler class
+        solver = scheduler_settings(cfg).solver if cfg.get("_class_name") in SCHEDULERS else solver_spec("ddpm")
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     variance = cfg.get("variance_type", "fixed_small")
     defaults = {"variance": variance if variance in ("fixed_small", "fixed_large") else "fixed_large",
-                "clip_x0": bool(cfg.get("clip_sample", True)), "scheduler": str(path)}
+                "clip_x0": bool(cfg.get("clip_sample", True)) and not solver.multistep, "scheduler": str(path),
+                "solver": solver}
     return schedule, defaults
 
 
@@ -133,13 +142,14 @@ def load_model_source(source, *, use_ema: bool = True, device=None):
 
     source: a run folder (its latest checkpoint), a checkpoint step folder, a ``.safetensors`` weights
     file written by ddpm-fast, or a diffusers ``UNet2DModel`` folder (or a saved pipeline holding one in
-    ``unet/``; its ``scheduler/scheduler_config.json`` gives the schedule, else linear T=1000).
+    ``unet/``; its ``scheduler/scheduler_config.json`` gives the schedule and solver, else linear T=1000),
+    local or a hub id.
     use_ema: the EMA weights (default) or the raw weights of a checkpoint.
     Returns the model in eval mode on ``device`` (default CPU), its NoiseSchedule, and meta: a dict with
-    "kind", "path", "step", "weights" and the sampling defaults "variance" and "clip_x0".
+    "kind", "path", "step", "weights" and the sampling defaults "variance", "clip_x0" and "solver".
     Raises CheckpointError (one line) for anything that cannot be loaded.
     """
-    path = Path(source)
+    path = resolve_source(source)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: pass a run folder, a checkpoint (step folder or "
                               ".safetensors file) or a diffusers UNet folder")
@@ -165,7 +175,7 @@ def load_model_source(source, *, use_ema: bool = True, device=None):
             raise CheckpointError(f"{ckpt.path} carries an invalid schedule config ({exc})") from None
         meta = {"kind": "file" if ckpt.path.is_file() else "checkpoint", "path": str(ckpt.path),
                 "step": ckpt.step, "weights": "ema" if take_ema else "model",
-                "variance": "fixed_large", "clip_x0": True}
+                "variance": "fixed_large", "clip_x0": True, "solver": solver_spec("ddpm")}
     model.eval().requires_grad_(False)
     if device is not None:
         model = model.to(device)
@@ -179,7 +189,7 @@ def load_model_source(source, *, use_ema: bool = True, device=None):
 def generate(model, schedule: NoiseSchedule, seeds, *, steps=None, variance: str = "fixed_large",
              clip_x0: bool = True, reference: bool = False, batch_size: int | None = None,
              device=None, sampler_options: dict | None = None, group: Group | None = None,
-             progress: bool = False) -> torch.Tensor:
+             progress: bool = False, solver="ddpm") -> torch.Tensor:
     """Sample one image per seed: float32 (N, C, H, W) on the CPU, in [-1, 1].
 
     model: a ddpm_fast UNet (or any eps model with ``config.sample_size/in_channels``). seeds: N ints in
@@ -192,21 +202,25 @@ def generate(model, schedule: NoiseSchedule, seeds, *, steps=None, variance: str
     With N > 1 ranks every rank must call this with the same arguments: the seed batches are dealt to
     the ranks, each samples its own on its device, and every rank returns all N images in seed order.
     progress: a progress bar of images done across all ranks (rank 0 draws it).
+    solver: a name or ``SolverSpec`` (``solvers.py``); the multistep ones take no clip_x0 and use their
+    own spacing for int steps.
     """
+    solver = solver_spec(solver)
     seeds = [int(s) for s in seeds]
     group = group if group is not None else current_group()
     if group.world_size == 1 and not progress:  # one process: the whole list in one call, as always
         return _image_sampler(model, schedule, seeds, steps=steps, variance=variance, clip_x0=clip_x0,
                               reference=reference, batch_size=batch_size, device=device,
-                              sampler_options=sampler_options)(seeds)
+                              sampler_options=sampler_options, solver=solver)(seeds)
     positions, images = _generate_dealt(model, schedule, seeds, steps=steps, variance=variance, clip_x0=clip_x0,
                                         reference=reference, batch_size=batch_size, device=device,
-                                        sampler_options=sampler_options, group=group, progress=progress)
+                                        sampler_options=sampler_options, group=group, progress=progress,
+                                        solver=solver)
     return _in_seed_order(group, images, positions, len(seeds), to_all=True)
 
 
 def _image_sampler(model, schedule, seeds, *, steps, variance, clip_x0, reference, batch_size, device,
-                   sampler_options=None):
+                   sampler_options=None, solver="ddpm"):
     """Check the arguments once and return ``sample(seeds) -> float32 (n, C, H, W) CPU images``, built
     once (FastSampler compiles and captures once) for every batch that follows."""
     if not seeds:
@@ -215,11 +229,12 @@ def _image_sampler(model, schedule, seeds, *, steps, variance, clip_x0, referenc
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
+    solver = solver_spec(solver)
     if not reference:
         from .sampler import FastSampler
 
-        sampler = FastSampler(model, schedule, timesteps=steps, variance=variance, clip_x0=clip_x0, device=device,
-                              **(sampler_options or {}))
+        sampler = FastSampler(model, schedule, timesteps=steps, solver=solver, variance=variance, clip_x0=clip_x0,
+                              device=device, **(sampler_options or {}))
         return lambda chunk: sampler.sample(seeds=chunk, batch_size=batch_size).float().cpu()
 
     from . import ops
@@ -227,6 +242,10 @@ def _image_sampler(model, schedule, seeds, *, steps, variance, clip_x0, referenc
 
     device = torch.device(device) if device is not None else model_device(model)
     image_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    if solver.multistep and clip_x0:
+        raise ValueError(f"clip_x0 is not available with {solver.name}: its scheduler does not clip x0")
+    if solver.name == "ddim" and not solver.use_clipped_model_output and clip_x0:
+        raise ValueError("the oracle's DDIM recomputes eps from the clipped x0: use clip off or FastSampler")
 
     def sample(chunk_seeds):
         was_training = model.training
@@ -240,8 +259,13 @@ def _image_sampler(model, schedule, seeds, *, steps, variance, clip_x0, referenc
                     # x_T uses noise step T, the z added after visiting t uses noise step t
                     return ops.seeded_noise(chunk, noise_step, shape[1:], device=device)
 
-                x = oracle.sample(model, schedule, (len(chunk), *image_shape), variance=variance,
-                                  clip_x0=clip_x0, timesteps=steps, device=device, noise_fn=noise_fn)
+                if solver.multistep:
+                    x_T = noise_fn(schedule.num_timesteps, (len(chunk), *image_shape))
+                    x = oracle.solver_sample(model, schedule, x_T, solver, steps, noise_fn=noise_fn)
+                else:
+                    x = oracle.sample(model, schedule, (len(chunk), *image_shape), variance=variance,
+                                      clip_x0=clip_x0, timesteps=steps, device=device, noise_fn=noise_fn,
+                                      eta=solver.eta)
                 out.append(x.clamp(-1.0, 1.0).float().cpu())
         finally:
             model.train(was_training)
@@ -350,7 +374,7 @@ class SampleResult:
 def sample_to_folder(source, out_dir, seeds, *, steps=None, variance: str | None = None,
                      clip_x0: bool | None = None, reference: bool = False, batch_size: int | None = None,
                      png_per_image: bool = False, use_ema: bool = True, device=None,
-                     progress: bool = False) -> SampleResult:
+                     progress: bool = False, solver=None, solver_options: dict | None = None) -> SampleResult:
     """Load ``source``, sample one image per seed and write them to ``out_dir`` (see the module docstring),
     with ``out_dir/run.json`` saying what made them.
 
@@ -359,17 +383,28 @@ def sample_to_folder(source, out_dir, seeds, *, steps=None, variance: str | None
     under torchrun). Under torchrun every rank samples its dealt share of the seeds; rank 0 writes
     samples.npz (seed order), grid.png and run.json, and with ``png_per_image`` each rank writes the
     PNGs of its own seeds. progress: a bar of images done across all ranks.
+    solver: None takes the source's (DDPM for ddpm-fast runs; a diffusers pipeline's scheduler with its
+    settings); solver_options: keyword arguments of ``solvers.solver_spec`` (order, solver_type,
+    corrector, timestep_spacing...), with ``solver`` only. steps: None = all T for ddpm/ddim,
+    DEFAULT_SOLVER_STEPS for the multistep solvers. run.json records the solver under "sampling".
     """
+    if solver_options and solver is None:
+        raise ValueError("solver options (order, type, corrector, spacing) need a solver: pass --solver too")
+    spec = solver_spec(solver, **(solver_options or {})) if isinstance(solver, str) else None
     with process_group(device) as group:
         start = time.perf_counter()
         device = group.device
         model, schedule, meta = load_model_source(source, use_ema=use_ema, device=device)
-        settings = {"steps": steps if steps is not None else schedule.num_timesteps,
-                    "variance": variance or meta["variance"],
-                    "clip_x0": meta["clip_x0"] if clip_x0 is None else bool(clip_x0),
-                    "sampler": "reference" if reference else "FastSampler", "device": str(device)}
+        spec = spec or (solver if isinstance(solver, SolverSpec) else meta["solver"])
+        if steps is None:
+            steps = DEFAULT_SOLVER_STEPS if spec.multistep else schedule.num_timesteps
+        default_clip = meta["clip_x0"] and not spec.multistep
+        settings = {"steps": steps, "variance": variance or meta["variance"],
+                    "clip_x0": default_clip if clip_x0 is None else bool(clip_x0),
+                    "sampler": "reference" if reference else "FastSampler", "device": str(device),
+                    "solver": spec.as_dict()}
         options = dict(steps=steps, variance=settings["variance"], clip_x0=settings["clip_x0"],
-                       reference=reference, batch_size=batch_size, device=device)
+                       reference=reference, batch_size=batch_size, device=device, solver=spec)
         seeds = [int(s) for s in seeds]
         if group.world_size == 1 and not progress:
             images = generate(model, schedule, seeds, group=group, **options)

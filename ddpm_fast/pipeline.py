@@ -1,7 +1,8 @@
 """FastDDPMPipeline: a drop-in for diffusers' ``DDPMPipeline`` that samples with :class:`FastSampler`.
 
-It reads a saved DDPMPipeline (``unet/`` and ``scheduler/``) or takes a live one, turns the scheduler's
-config into a ``NoiseSchedule`` plus sampler settings, and answers ``pipe(batch_size, generator,
+It reads a saved DDPMPipeline (``unet/`` and ``scheduler/``, a local folder or a hub id such as
+``google/ddpm-cifar10-32``) or takes a live one, turns the scheduler's config (DDPMScheduler, DDIMScheduler,
+DPMSolverMultistepScheduler or UniPCMultistepScheduler) into a ``NoiseSchedule`` plus a solver and its settings, and answers ``pipe(batch_size, generator,
 num_inference_steps, output_type)`` like DDPMPipeline does. With a torch.Generator the noise is drawn
 exactly as DDPMPipeline draws it (x_T first, then one z per step with t > 0, on the generator's device),
 so float32 on the CPU reproduces DDPMPipeline's images; without one, noise is seed-keyed (each image a
@@ -23,8 +24,10 @@ import torch
 from .checkpoint import read_json
 from .checks import model_device
 from .errors import CheckpointError
+from .hub import resolve_source
 from .sampler import FastSampler
 from .schedule import NoiseSchedule
+from .solvers import SolverSpec, solver_spec, solver_timesteps
 
 __all__ = ["FastDDPMPipeline", "FastPipelineOutput", "SchedulerSettings", "scheduler_settings",
            "schedule_from_scheduler_config", "inference_timesteps"]
@@ -46,39 +49,52 @@ class FastPipelineOutput:
 
 @dataclass(frozen=True)
 class SchedulerSettings:
-    """The parts of a DDPMScheduler config that decide the sampled images."""
+    """The parts of a scheduler config that decide the sampled images."""
 
     schedule: NoiseSchedule
-    variance: str  # "fixed_small" or "fixed_large"
+    variance: str  # "fixed_small" or "fixed_large" (DDPM steps only)
     clip: float | None  # clip_sample_range when clip_sample, else None
     timestep_spacing: str  # "leading", "linspace" or "trailing"
     steps_offset: int
+    solver: SolverSpec = solver_spec("ddpm")  # the sampler the scheduler's step() is
+
+
+SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+# options of the multistep schedulers that change their steps, with the only value we implement
+_FIXED_OPTIONS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                  "use_lu_lambdas": False, "use_flow_sigmas": False, "final_sigmas_type": "zero",
+                  "euler_at_final": False, "variance_type": None, "use_dynamic_shifting": False,
+                  "solver_p": None, "predict_x0": True}
 
 
 def scheduler_settings(config: Mapping) -> SchedulerSettings:
-    """Read a DDPMScheduler config (``scheduler_config.json`` or ``scheduler.config``) into settings.
+    """Read a scheduler config (``scheduler_config.json`` or ``scheduler.config``) into settings.
 
-    Supported: beta_schedule linear, scaled_linear, squaredcos_cap_v2, sigmoid or trained_betas;
-    variance_type fixed_small/fixed_large; prediction_type epsilon; clip_sample with clip_sample_range;
-    timestep_spacing leading/linspace/trailing with steps_offset. Anything else is a ValueError naming
-    the key, never a silently different sampler. Missing keys take DDPMScheduler's defaults.
+    Schedulers: DDPMScheduler (ancestral steps), DDIMScheduler (eta 0, as DDPMPipeline calls it),
+    DPMSolverMultistepScheduler (dpmsolver++ / sde-dpmsolver++, any solver_order and solver_type) and
+    UniPCMultistepScheduler (bh1/bh2, disable_corrector). Supported: beta_schedule linear, scaled_linear,
+    squaredcos_cap_v2, sigmoid or trained_betas; prediction_type epsilon; DDPM's variance_type
+    fixed_small/fixed_large; clip_sample with clip_sample_range (DDPM, DDIM); timestep_spacing
+    leading/linspace/trailing with steps_offset. Anything else is a ValueError naming the key, never a
+    silently different sampler. Missing keys take that scheduler's defaults.
     """
     cfg = dict(config)
     name = cfg.get("_class_name", "DDPMScheduler")
-    if name != "DDPMScheduler":
-        raise ValueError(f"scheduler {name!r} is not supported: FastDDPMPipeline runs DDPMScheduler's steps "
-                         "(use FastSampler(eta=...) for DDIM)")
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler {name!r} is not supported: use one of {', '.join(SCHEDULERS)}")
     prediction = cfg.get("prediction_type", "epsilon")
     if prediction != "epsilon":
         raise ValueError(f"prediction_type={prediction!r} is not supported: the model must predict the noise "
                          "(prediction_type='epsilon')")
-    variance = cfg.get("variance_type", "fixed_small")
-    if variance not in ("fixed_small", "fixed_large"):
-        raise ValueError(f"variance_type={variance!r} is not supported: use 'fixed_small' or 'fixed_large'")
     if cfg.get("thresholding", False):
         raise ValueError("thresholding=True (dynamic thresholding) is not supported: set thresholding=False")
     if cfg.get("rescale_betas_zero_snr", False):
         raise ValueError("rescale_betas_zero_snr=True is not supported: alpha-bar 0 at t=T-1 has no eps-form step")
+    if name in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
+        return _multistep_settings(name, cfg)
+    variance = cfg.get("variance_type", "fixed_small") if name == "DDPMScheduler" else "fixed_small"
+    if variance not in ("fixed_small", "fixed_large"):
+        raise ValueError(f"variance_type={variance!r} is not supported: use 'fixed_small' or 'fixed_large'")
     spacing = cfg.get("timestep_spacing", "leading")
     if spacing not in ("leading", "linspace", "trailing"):
         raise ValueError(f"timestep_spacing={spacing!r} is not supported: use leading, linspace or trailing")
@@ -87,8 +103,41 @@ def scheduler_settings(config: Mapping) -> SchedulerSettings:
         clip = float(cfg.get("clip_sample_range", 1.0))
         if not clip > 0:
             raise ValueError(f"clip_sample_range must be > 0, got {clip}")
+    solver = solver_spec("ddpm")
+    if name == "DDIMScheduler":
+        if spacing != "leading":
+            # DDIMScheduler steps to t - T // n, which is the next visited timestep only with leading spacing
+            raise ValueError(f"DDIMScheduler with timestep_spacing={spacing!r} is not supported: use 'leading'")
+        if not cfg.get("set_alpha_to_one", True):
+            raise ValueError("DDIMScheduler with set_alpha_to_one=False is not supported: set it to True")
+        # DDPMPipeline calls step() with eta = 0 and use_clipped_model_output = False
+        solver = SolverSpec("ddim", eta=0.0, use_clipped_model_output=False)
     return SchedulerSettings(schedule=schedule_from_scheduler_config(cfg), variance=variance, clip=clip,
-                             timestep_spacing=spacing, steps_offset=int(cfg.get("steps_offset", 0)))
+                             timestep_spacing=spacing, steps_offset=int(cfg.get("steps_offset", 0)),
+                             solver=solver_spec(solver))
+
+
+def _multistep_settings(name: str, cfg: dict) -> SchedulerSettings:
+    """DPMSolverMultistepScheduler / UniPCMultistepScheduler configs as a SolverSpec (no clipping there)."""
+    for key, value in _FIXED_OPTIONS.items():
+        if key in cfg and cfg[key] != value and not (value is None and cfg[key] in (None, "")):
+            raise ValueError(f"{name} with {key}={cfg[key]!r} is not supported: use {key}={value!r}")
+    if cfg.get("lambda_min_clipped", -float("inf")) != -float("inf"):
+        raise ValueError(f"{name} with lambda_min_clipped={cfg['lambda_min_clipped']!r} is not supported: use -inf")
+    options = dict(order=int(cfg.get("solver_order", 2)), lower_order_final=bool(cfg.get("lower_order_final", True)),
+                   timestep_spacing=cfg.get("timestep_spacing", "linspace"), steps_offset=int(cfg.get("steps_offset", 0)))
+    if name == "UniPCMultistepScheduler":
+        spec = solver_spec("unipc", solver_type=cfg.get("solver_type", "bh2"),
+                           disable_corrector=cfg.get("disable_corrector", []) or [], **options)
+    else:
+        algorithm = cfg.get("algorithm_type", "dpmsolver++")
+        if algorithm not in ("dpmsolver++", "sde-dpmsolver++"):
+            raise ValueError(f"{name} with algorithm_type={algorithm!r} is not supported: use 'dpmsolver++' or "
+                             "'sde-dpmsolver++'")
+        kind = "dpmpp-2m-sde" if algorithm == "sde-dpmsolver++" else ("dpmpp-3m" if options["order"] == 3 else "dpmpp-2m")
+        spec = solver_spec(kind, solver_type=cfg.get("solver_type", "midpoint"), **options)
+    return SchedulerSettings(schedule=schedule_from_scheduler_config(cfg), variance="fixed_small", clip=None,
+                             timestep_spacing=spec.timestep_spacing, steps_offset=spec.steps_offset, solver=spec)
 
 
 def schedule_from_scheduler_config(cfg: Mapping) -> NoiseSchedule:
@@ -115,11 +164,13 @@ def schedule_from_scheduler_config(cfg: Mapping) -> NoiseSchedule:
 
 
 def inference_timesteps(settings: SchedulerSettings, num_inference_steps: int) -> list[int]:
-    """The descending timesteps DDPMScheduler.set_timesteps(num_inference_steps) visits."""
+    """The descending timesteps the scheduler's set_timesteps(num_inference_steps) visits."""
     T = settings.schedule.num_timesteps
     n = num_inference_steps
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T:
         raise ValueError(f"num_inference_steps must be an int in 1..{T} (num_train_timesteps), got {n!r}")
+    if settings.solver.multistep:
+        return solver_timesteps(T, n, settings.timestep_spacing, settings.steps_offset)
     if settings.timestep_spacing == "linspace":
         steps = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
     elif settings.timestep_spacing == "leading":
@@ -142,6 +193,8 @@ class FastDDPMPipeline:
     def __init__(self, unet, scheduler=None, *, device=None, **sampler_options):
         config = getattr(scheduler, "config", scheduler)
         self.scheduler_config = dict(config) if config is not None else {}
+        if hasattr(scheduler, "config"):  # a live scheduler's config does not name its class: its type does
+            self.scheduler_config.setdefault("_class_name", type(scheduler).__name__)
         self.settings = scheduler_settings(self.scheduler_config)
         self.unet = unet
         if device is None:
@@ -151,19 +204,22 @@ class FastDDPMPipeline:
 
     def _build_sampler(self, device: torch.device) -> None:
         s = self.settings
-        self.sampler = FastSampler(self.unet, s.schedule, variance=s.variance, clip_x0=s.clip or False,
-                                   device=device, **self._sampler_options)
+        self.sampler = FastSampler(self.unet, s.schedule, solver=s.solver, variance=s.variance,
+                                   clip_x0=s.clip or False, device=device, **self._sampler_options)
         self._num_inference_steps = None
 
     # -- loading ------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, folder, *, convert_unet: bool = True, device=None, **sampler_options):
-        """Load a DDPMPipeline saved with ``save_pretrained`` (a local folder with unet/ and scheduler/).
+    def from_pretrained(cls, folder, *, convert_unet: bool = True, device=None, revision: str | None = None,
+                        **sampler_options):
+        """Load a DDPMPipeline saved with ``save_pretrained``: a local folder with unet/ and scheduler/, or a
+        hub id ("google/ddpm-cifar10-32") fetched into and read from the Hugging Face cache (``hub.py``;
+        ``HF_HUB_OFFLINE=1`` opens a cached download without a network). revision: a hub branch/commit.
 
         convert_unet: load the U-Net as our ``UNet`` (it gets the time-embedding table); a config our
         UNet cannot express falls back to diffusers' UNet2DModel with a warning. False keeps diffusers'.
         """
-        root = Path(folder)
+        root = resolve_source(folder, revision=revision)
         scheduler_file = root / "scheduler" / SCHEDULER_CONFIG
         if not root.is_dir():
             raise CheckpointError(f"{root} is not a folder: pass a saved DDPMPipeline folder (unet/ and scheduler/)")
@@ -234,7 +290,7 @@ class FastDDPMPipeline:
         # DDPMScheduler adds noise whenever t > 0, also at the last step (trailing spacing, steps_offset):
         # its sigma there has ab_prev = 1, so beta' = 1 - ab_t (fixed_small's variance 0 is clamped to 1e-20)
         last_sigma = None
-        if steps[-1] > 0:
+        if steps[-1] > 0 and self.settings.solver.name == "ddpm":
             ab_last = float(self.settings.schedule.alphas_cumprod[steps[-1]])
             last_sigma = (1.0 - ab_last) ** 0.5 if self.settings.variance == "fixed_large" else 1e-10
         self.sampler._set_steps(steps, last_sigma=last_sigma)

@@ -19,6 +19,8 @@ Paper equations (Ho et al. 2020), with ab_t = alphas_cumprod[t], a_t = alphas[t]
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -34,7 +36,7 @@ from .checks import (
 )
 from .schedule import NoiseSchedule
 
-__all__ = ["q_sample", "predict_x0", "reverse_step", "ddim_step", "training_loss", "sample"]
+__all__ = ["q_sample", "predict_x0", "reverse_step", "ddim_step", "training_loss", "sample", "solver_sample"]
 
 
 def _coef(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -230,3 +232,145 @@ def sample(
             x = ddim_step(x, j, eps, respaced, z, eta=eta, clip_x0=clip_x0)
     return x
 
+
+
+# -- few-step multistep solvers ---------------------------------------------------------------------
+# alpha_t = sqrt(ab_t), sigma_t = sqrt(1 - ab_t), lambda_t = log(alpha_t / sigma_t) (half the log-SNR).
+# A solver steps from t_k to t_{k+1} in lambda, h = lambda_{t_{k+1}} - lambda_{t_k}; the last step ends at
+# the clean image (alpha = 1, sigma = 0, lambda = inf, so e^{-h} = 0): diffusers' final_sigmas_type="zero".
+
+
+def _dpmpp_update(x, x0s, lams, a_t, s_t, s_0, h, order, solver_type, noise):
+    """One DPM-Solver++ step (Lu et al. 2022, "DPM-Solver++", eqs. for the multistep data-prediction
+    solver): x0s / lams hold the x0 predictions and lambdas of the current and earlier points, newest last.
+
+    ODE:  x_t = (sigma_t / sigma_s) x - alpha_t (e^{-h} - 1) D0 + [second-/third-order terms]
+    SDE:  x_t = (sigma_t / sigma_s) e^{-h} x + alpha_t (1 - e^{-2h}) D0 + ... + sigma_t sqrt(1 - e^{-2h}) z
+    with D0 = x0 of now, D1 = divided difference in lambda scaled by h (midpoint: weight 1/2; heun:
+    the phi_2 weight), D2 the second difference (third order).
+    """
+    e = math.exp(-h)
+    D0 = x0s[-1]
+    D1 = D2 = None
+    if order >= 2:
+        r0 = (lams[-1] - lams[-2]) / h
+        D1_0 = (x0s[-1] - x0s[-2]) / r0
+        D1 = D1_0
+        if order == 3:
+            r1 = (lams[-2] - lams[-3]) / h
+            D1_1 = (x0s[-2] - x0s[-3]) / r1
+            D1 = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)
+            D2 = (D1_0 - D1_1) / (r0 + r1)
+    if noise is None:  # the probability-flow ODE
+        x_t = s_t / s_0 * x - a_t * (e - 1.0) * D0
+        if order == 2 and solver_type == "midpoint":
+            x_t = x_t - 0.5 * a_t * (e - 1.0) * D1
+        elif order >= 2:
+            x_t = x_t + a_t * ((e - 1.0) / h + 1.0) * D1
+        if order == 3:
+            x_t = x_t - a_t * ((e - 1.0 + h) / h**2 - 0.5) * D2
+        return x_t
+    e2 = math.exp(-2.0 * h)
+    x_t = s_t / s_0 * e * x + a_t * (1.0 - e2) * D0
+    if order == 2 and solver_type == "midpoint":
+        x_t = x_t + 0.5 * a_t * (1.0 - e2) * D1
+    elif order >= 2:
+        x_t = x_t + a_t * ((1.0 - e2) / (-2.0 * h) + 1.0) * D1
+    if order == 3:
+        x_t = x_t + a_t * ((1.0 - e2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5) * D2
+    return x_t + s_t * math.sqrt(1.0 - e2) * noise
+
+
+def _unipc_update(x, m_new, x0s, lams, lam_t, a_t, s_t, s_0, order, solver_type, corrector):
+    """One UniPC step with B(h) (Zhao et al. 2023, Algorithms "UniP-p" and "UniC-p", data prediction).
+
+    From the point s_0 = lams[-1] (sample x, x0 prediction x0s[-1]) to lam_t:
+    x_t = (sigma_t / sigma_s0) x - alpha_t h phi_1(h) x0_s0 - alpha_t B(h) sum_i rho_i D_i,
+    D_i = (x0_{s_i} - x0_{s_0}) / r_i, r_i = (lambda_{s_i} - lambda_{s_0}) / h over the order - 1 older
+    points; the corrector (UniC) adds the new point's difference m_new - x0_s0 with r = 1. rho solves
+    R rho = b with R_ij = r_j^i and b_i = i! phi_{i+1}(-h) / B(h) (the predictor drops the new point;
+    order 2 predictor and order 1 corrector use rho = 1/2). B(h) = -h (bh1) or e^{-h} - 1 (bh2).
+    """
+    h = lam_t - lams[-1]
+    hh = -h
+    rks = [(lams[-1 - i] - lams[-1]) / h for i in range(1, order)]
+    D1s = [(x0s[-1 - i] - x0s[-1]) / r for i, r in zip(range(1, order), rks)]
+    rks = torch.tensor(rks + [1.0], dtype=torch.float64)
+    h_phi_1 = math.expm1(hh)  # h phi_1(h) with the sign of hh
+    B_h = hh if solver_type == "bh1" else math.expm1(hh)
+    h_phi_k, factorial, b = h_phi_1 / hh - 1.0, 1, []
+    for i in range(1, order + 1):
+        b.append(h_phi_k * factorial / B_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1.0 / factorial
+    R = torch.stack([rks**i for i in range(order)])
+    b = torch.tensor(b, dtype=torch.float64)
+    x_t = s_t / s_0 * x - a_t * h_phi_1 * x0s[-1]
+    if corrector:
+        rhos = [0.5] if order == 1 else torch.linalg.solve(R, b).tolist()
+        res = sum((r * d for r, d in zip(rhos[:-1], D1s)), torch.zeros_like(x))
+        return x_t - a_t * B_h * (res + rhos[-1] * (m_new - x0s[-1]))
+    if order == 1:
+        return x_t
+    rhos = [0.5] if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
+    res = sum((r * d for r, d in zip(rhos, D1s)), torch.zeros_like(x))
+    return x_t - a_t * B_h * res
+
+
+@torch.no_grad()
+def solver_sample(model, schedule: NoiseSchedule, x_T: torch.Tensor, solver="dpmpp-2m", timesteps=20,
+                  noise_fn=None, trajectory: bool = False):
+    """Sample with a multistep solver (DPM-Solver++ 2M/3M/2M-SDE or UniPC), eager, the update in float64.
+
+    x_T: (B, C, H, W) start noise. solver: a name from ``solvers.MULTISTEP_SOLVERS`` or a ``SolverSpec``
+    (options: order, solver_type, lower_order_final, corrector, spacing). timesteps: an int n (the spec's
+    spacing, as diffusers' set_timesteps(n)) or a descending list. noise_fn(t, shape) gives the SDE's z
+    after visiting t (dpmpp-2m-sde only; e.g. seed-keyed noise or a list of draws). The update runs in
+    float64; returns x_0 in x_T's dtype, or the list of x after every step when ``trajectory``.
+    model: callable (x in x_T's dtype, t int64 (B,)) -> eps.
+    """
+    from .solvers import _alpha_sigma_lambda, solver_orders, solver_spec, solver_timesteps
+
+    spec = solver_spec(solver)
+    if not spec.multistep:
+        raise ValueError(f"solver_sample runs multistep solvers; use sample() for {spec.name!r}")
+    T = schedule.num_timesteps
+    if isinstance(timesteps, int) and not isinstance(timesteps, bool):
+        steps = solver_timesteps(T, timesteps, spec.timestep_spacing, spec.steps_offset)
+    else:
+        steps = resolve_timesteps(timesteps, T)
+    check_image_batch(x_T, "x_T")
+    if spec.sde and noise_fn is None:
+        raise ValueError("dpmpp-2m-sde needs noise_fn(t, shape) for its per-step noise")
+    ab = schedule.alphas_cumprod.tolist()
+    points = [_alpha_sigma_lambda(ab[t]) for t in steps] + [_alpha_sigma_lambda(1.0)]
+    pred_orders, corr_orders = solver_orders(spec, len(steps))
+    x = x_T.to(torch.float64)
+    x0s, lams, path = [], [], []
+    last = None
+    for k, t in enumerate(steps):
+        a_s, s_s, l_s = points[k]
+        a_t, s_t, l_t = points[k + 1]
+        # the model sees x in x_T's dtype (its own); the update runs in float64
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
+        eps = model(x.to(x_T.dtype), t_batch).to(torch.float64)
+        m = (x - s_s * eps) / a_s  # predict_x0
+        if spec.name == "unipc":
+            if corr_orders[k]:  # UniC: correct x_{t_k} with the new model output, from the last sample
+                x = _unipc_update(last, m, x0s, lams, l_s, a_s, s_s, points[k - 1][1], corr_orders[k],
+                                  spec.solver_type, corrector=True)
+            x0s.append(m)
+            lams.append(l_s)
+            last = x
+            x = _unipc_update(x, None, x0s, lams, l_t, a_t, s_t, s_s, pred_orders[k], spec.solver_type,
+                              corrector=False)
+        else:
+            x0s.append(m)
+            lams.append(l_s)
+            z = None
+            if spec.sde:
+                z = noise_fn(t, tuple(x.shape)).to(device=x.device, dtype=torch.float64) if k < len(steps) - 1 \
+                    else torch.zeros_like(x)  # sigma_t = 0 at the clean end
+            x = _dpmpp_update(x, x0s, lams, a_t, s_t, s_s, l_t - l_s, pred_orders[k], spec.solver_type, z)
+        path.append(x.to(x_T.dtype))
+    return path if trajectory else path[-1]

@@ -1,4 +1,5 @@
-"""FastSampler: ancestral (DDPM) and DDIM sampling as fast as the hardware allows, same images as the oracle.
+"""FastSampler: DDPM, DDIM and few-step solvers (DPM-Solver++, UniPC) as fast as the hardware allows, same
+images as the oracle.
 
 Follow one image from noise to pixels:
 
@@ -10,7 +11,9 @@ Follow one image from noise to pixels:
 3. One step = eps = U-Net(x, t) under autocast (bf16 on CUDA) with t read from the device, then the fused
    reverse update ``kernels.reverse_update`` (x0, clip, posterior mean, in-kernel noise: one launch),
    then counter += 1. On CUDA that step is captured once as a CUDA graph and replayed S times; nothing
-   in the loop talks to the host.
+   in the loop talks to the host. The multistep solvers (``solvers.py``) keep their last x0 predictions
+   (and UniPC its last sample) in static buffers beside x and use ``kernels.solver_update`` instead; their
+   lower-order first and last steps are table rows, so the same single captured step replays.
 4. After the last step x is x_0 in [-1, 1]; ``(x + 1) / 2`` makes pixels (see ``pipeline.py``).
 
 Every optimisation is a switch (compile, cuda_graph, fused_update, embedding_table, channels_last,
@@ -28,11 +31,11 @@ from dataclasses import dataclass, field
 import torch
 
 from . import coefficients as coef
-from . import ops, philox
+from . import ops, philox, solvers
 from .checks import check_variance, model_device, resolve_timesteps
 from .schedule import NoiseSchedule
 
-__all__ = ["FastSampler", "reverse_update_torch"]
+__all__ = ["FastSampler", "reverse_update_torch", "solver_update_torch"]
 
 SEED_LIMIT = 2**32  # seeds are uint32: the low half of the Philox key
 DEFAULT_BATCH_SIZE = 256
@@ -66,6 +69,34 @@ def reverse_update_torch(x_t, eps, table, row, noise=None, clip=None) -> torch.T
     return x_prev
 
 
+def solver_update_torch(x, eps, table, row, history=(), last=None, noise=None) -> torch.Tensor:
+    """The torch twin of ``kernels.solver_update``: one multistep-solver step, x, history and last in place.
+
+    x: (B, C, H, W) float32; eps: same shape, any float dtype; table: (S, 24) float32 (``solvers`` layout)
+    on x's device; row: int64 (1,) device tensor; history: 0-3 float32 tensors like x (h_1 newest); last:
+    like x when the solver corrects (UniPC), else None; noise: z like x or None (z = 0). Returns x.
+    """
+    c = table.index_select(0, row).view(-1, solvers.NUM_SOLVER_COLUMNS, 1, 1, 1).unbind(1)  # each (1, 1, 1, 1)
+    e = eps.float()
+    m = x * c[coef.SQRT_RECIP_AB] - e * c[coef.SQRT_RECIPM1_AB]
+    xc = x
+    if last is not None:
+        xc = c[solvers.K_X] * x + c[solvers.K_LAST] * last + c[solvers.K_M] * m
+        for h, k in zip(history, solvers.K_H):
+            xc = xc + c[k] * h
+        last.copy_(xc)
+    x_next = c[coef.C_X0] * m + c[coef.C_XT] * xc + c[coef.C_EPS] * e
+    for h, k in zip(history, solvers.C_H):
+        x_next = x_next + c[k] * h
+    if noise is not None:
+        x_next = x_next + c[coef.SIGMA] * noise
+    for newer, older in zip(history[-2::-1], history[:0:-1]):  # h_3 <- h_2, h_2 <- h_1
+        older.copy_(newer)
+    if history:
+        history[0].copy_(m)
+    return x.copy_(x_next)
+
+
 @dataclass
 class _Run:
     """Static state of one batch geometry: the buffers a captured graph reads and writes.
@@ -78,6 +109,8 @@ class _Run:
     seeds: torch.Tensor  # (B,) int64 per-image noise keys
     noise: torch.Tensor | None  # (B, C, H, W) float32 z from a torch.Generator, else None (seed-keyed)
     counter: torch.Tensor  # (1,) int64 index of the current table row (the step), advanced on device
+    history: tuple = ()  # multistep solvers: their last x0 predictions, like x, newest first
+    last: torch.Tensor | None = None  # UniPC: the sample before its last predictor, like x
     graphs: dict = field(default_factory=dict)
     pool: object = None  # CUDA graph memory pool shared by this run's graphs
     eager: bool = False  # capture failed: replay the same step eagerly
@@ -85,6 +118,11 @@ class _Run:
     @property
     def batch(self) -> int:
         return self.x.shape[0]
+
+    @property
+    def state(self) -> list:
+        """Every buffer a step updates: x, the solver history and last."""
+        return [self.x, *self.history, *([self.last] if self.last is not None else [])]
 
 
 class FastSampler:
@@ -94,9 +132,17 @@ class FastSampler:
     (x (B, C, H, W) float, t int64 (B,); outputs with ``.sample`` or tuples are unwrapped). nn.Modules
     are deep-copied: the sampler never changes the caller's model (eval mode, memory format, tables).
     schedule: the ``NoiseSchedule`` the model was trained with.
-    timesteps: None (all T steps), an int n (n steps, diffusers' leading spacing) or a descending list.
+    timesteps: None (all T steps), an int n or a descending list. An int n takes diffusers' spacing:
+        "leading" (DDPMScheduler's) for ddpm/ddim, the solver's ``timestep_spacing`` (default "linspace",
+        as DPMSolverMultistepScheduler and UniPCMultistepScheduler) for the multistep solvers.
+    solver: "ddpm" (ancestral), "ddim", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "unipc" or a
+        ``solvers.SolverSpec``; None = "ddim" when eta is given, else "ddpm". The multistep solvers match
+        diffusers' schedulers at their defaults (lower_order_final, final sigma zero, midpoint / bh2 with
+        the corrector). solver_options: their options as keyword arguments of ``solvers.solver_spec``
+        (order, solver_type, lower_order_final, corrector, disable_corrector, timestep_spacing, steps_offset).
     variance: "fixed_large" (sigma^2 = beta, Ho's CIFAR-10 choice) or "fixed_small" (posterior variance).
-    clip_x0: False, True (clamp the predicted x0 to [-1, 1]) or a range r > 0 (clamp to [-r, r]).
+    clip_x0: False, True (clamp the predicted x0 to [-1, 1]) or a range r > 0 (clamp to [-r, r]); ddpm
+        and ddim only (diffusers' multistep schedulers have no clipping).
     eta: None for DDPM ancestral steps, a float >= 0 for DDIM (0 = deterministic).
     dtype: autocast dtype of the model: None = bfloat16 on CUDA, float32 on CPU. The sample itself and
         the update math stay float32.
@@ -123,6 +169,8 @@ class FastSampler:
         schedule: NoiseSchedule,
         *,
         timesteps=None,
+        solver=None,
+        solver_options: dict | None = None,
         variance: str = "fixed_large",
         clip_x0: bool | float = False,
         eta: float | None = None,
@@ -145,7 +193,11 @@ class FastSampler:
         self.clip = _clip_range(clip_x0)
         if eta is not None and not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and eta >= 0):
             raise ValueError(f"eta must be None (DDPM) or a float >= 0 (DDIM), got {eta!r}")
-        self.eta = None if eta is None else float(eta)
+        self.solver = _resolve_solver(solver, solver_options, eta)
+        self.eta = self.solver.eta
+        if self.solver.multistep and self.clip is not None:
+            raise ValueError(f"clip_x0 is not available with {self.solver.name}: diffusers' multistep schedulers "
+                             "do not clip x0 (use solver='ddpm' or 'ddim' to clip)")
         self.device = torch.device(device) if device is not None else model_device(model)
         on_cuda = self.device.type == "cuda"
         self.image_shape = _image_shape(model, image_shape)
@@ -202,16 +254,24 @@ class FastSampler:
 
     def set_timesteps(self, timesteps=None) -> None:
         """Choose the visited timesteps (None, an int count or a descending list); drops cached captures."""
-        self._set_steps(resolve_timesteps(timesteps, self.schedule.num_timesteps))
+        spec, T = self.solver, self.schedule.num_timesteps
+        if spec.multistep and isinstance(timesteps, int) and not isinstance(timesteps, bool):
+            self._set_steps(solvers.solver_timesteps(T, timesteps, spec.timestep_spacing, spec.steps_offset))
+        else:
+            self._set_steps(resolve_timesteps(timesteps, T))
 
     def _set_steps(self, steps: list[int], last_sigma: float | None = None) -> None:
         """Build the coefficient table for ``steps``. last_sigma overrides the noise std of the last
         step (0 by default): diffusers' scheduler adds noise at the last step whenever its t > 0."""
-        table = coef.reverse_table(self.schedule, steps, self.variance, self.clip is not None, self.eta)
+        if self.solver.multistep:
+            table = solvers.solver_table(self.schedule, steps, self.solver)
+        else:
+            table = coef.reverse_table(self.schedule, steps, self.variance, self.clip is not None, self.eta,
+                                       recompute_eps=self.solver.use_clipped_model_output)
         if last_sigma is not None:
             table[-1, coef.SIGMA] = float(last_sigma)
         self.timesteps = list(steps)
-        self.table = table.to(device=self.device, dtype=torch.float32)  # (S, 8), read on device each step
+        self.table = table.to(device=self.device, dtype=torch.float32)  # (S, 8 or 24), read on device each step
         self._t_steps = torch.tensor(steps, dtype=torch.int64, device=self.device)  # (S,) model timesteps
         self._draws_noise = (table[:, coef.SIGMA] != 0).tolist()  # which steps consume a generator draw
         self.clear_cache()
@@ -232,7 +292,7 @@ class FastSampler:
             "channels_last": self.channels_last, "compile": self.compile_mode, "cuda_graph": self.cuda_graph,
             "steps_per_graph": self.steps_per_graph, "update": self.update_backend,
             "embedding_table": self.embedding_table, "steps": self.num_steps, "variance": self.variance,
-            "clip_x0": self.clip, "eta": self.eta,
+            "clip_x0": self.clip, "eta": self.eta, **self.solver.as_dict(),
         }
 
     def __repr__(self) -> str:
@@ -291,6 +351,8 @@ class FastSampler:
         """Run every step on run.x in place. draw: None (seed-keyed noise) or a function returning the
         next generator draw, copied into run.noise before each noisy step."""
         run.counter.zero_()
+        for buffer in run.state[1:]:  # zero, not stale: a zero coefficient times a NaN left over is NaN
+            buffer.zero_()
         if draw is not None:  # a host-side draw before each step: one step per replay
             for noisy in self._draws_noise:
                 if noisy:
@@ -318,7 +380,9 @@ class FastSampler:
         """One denoising step on the static buffers; reads the step from run.counter (graph-safe)."""
         t = self._t_steps.index_select(0, run.counter).expand(run.batch)  # (B,) int64, on device
         eps = self._predict_eps(run.x, t)
-        if self.update_backend == "triton":
+        if self.solver.multistep:
+            self._solver_step(run, eps, t)
+        elif self.update_backend == "triton":
             from . import kernels
 
             seeds = None if run.noise is not None else run.seeds
@@ -329,6 +393,18 @@ class FastSampler:
             z = run.noise if run.noise is not None else _step_noise(run.seeds, t, self.image_shape)
             run.x.copy_(reverse_update_torch(run.x, eps, self.table, run.counter, z, self.clip))
         run.counter.add_(1)
+
+    def _solver_step(self, run: _Run, eps: torch.Tensor, t: torch.Tensor) -> None:
+        """The fused multistep update: x, history and last in place, the row from run.counter."""
+        seeded = self.solver.sde and run.noise is None
+        if self.update_backend == "triton":
+            from . import kernels
+
+            kernels.solver_update(run.x, eps, self.table, run.counter, run.history, run.last,
+                                  seeds=run.seeds if seeded else None, noise=run.noise)
+        else:
+            z = _step_noise(run.seeds, t, self.image_shape) if seeded else run.noise
+            solver_update_torch(run.x, eps, self.table, run.counter, run.history, run.last, z)
 
     # -- static buffers and CUDA graphs ---------------------------------------------------------------
     def _run_for(self, batch: int, generator_noise: bool) -> _Run:
@@ -345,7 +421,9 @@ class FastSampler:
             run = _Run(x=image_buffer(),
                        seeds=torch.zeros(batch, dtype=torch.int64, device=self.device),
                        noise=image_buffer() if generator_noise else None,
-                       counter=torch.zeros(1, dtype=torch.int64, device=self.device))
+                       counter=torch.zeros(1, dtype=torch.int64, device=self.device),
+                       history=tuple(image_buffer() for _ in range(self.solver.num_history)),
+                       last=image_buffer() if self.solver.corrects else None)
             self._check_model_output(run)
             self._runs[key] = run
         return run
@@ -366,8 +444,8 @@ class FastSampler:
             return self._capture_on_device(run, steps)
 
     def _capture_on_device(self, run: _Run, steps: int):
-        # warm-up and capture must leave the sample where it was (x_T is already in place)
-        saved_x, saved_counter = run.x.clone(), run.counter.clone()
+        # warm-up and capture must leave the sample (x_T is already in place) and solver state where they were
+        saved_state, saved_counter = [b.clone() for b in run.state], run.counter.clone()
         if run.pool is None:
             # warm-up on a side stream (torch's recipe): compiles, autotunes, allocates workspaces
             side = torch.cuda.Stream(self.device)
@@ -390,7 +468,8 @@ class FastSampler:
             run.eager = True
             graph = None
         # capture records kernels without running them, but a failed capture may have run some: restore
-        run.x.copy_(saved_x)
+        for buffer, saved in zip(run.state, saved_state):
+            buffer.copy_(saved)
         run.counter.copy_(saved_counter)
         if graph is not None:
             run.graphs[steps] = graph
@@ -398,6 +477,25 @@ class FastSampler:
 
 
 # -- helpers ------------------------------------------------------------------------------------------
+def _resolve_solver(solver, options, eta) -> "solvers.SolverSpec":
+    """The checked SolverSpec of FastSampler's solver / solver_options / eta arguments."""
+    if solver is None:
+        solver = "ddim" if eta is not None else "ddpm"
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"solver_options must be a dict of solver_spec keyword arguments, got {type(options).__name__}")
+    if isinstance(solver, solvers.SolverSpec):
+        if options:
+            raise ValueError("give the solver options in the SolverSpec or in solver_options, not both")
+        if eta is not None and solver.eta != eta:
+            raise ValueError("give eta in the SolverSpec or as eta=, not both")
+        return solvers.solver_spec(solver)
+    if eta is not None and solver != "ddim":
+        raise ValueError(f"eta is DDIM's parameter: use solver='ddim' (or leave solver unset), not {solver!r}")
+    try:
+        return solvers.solver_spec(solver, eta=eta, **(options or {}))
+    except TypeError as err:
+        raise ValueError(f"bad solver_options: {err}") from None
+
 def _clip_range(clip_x0) -> float | None:
     if clip_x0 is None or clip_x0 is False:
         return None

@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from .random import philox_randn
-from .utils import (check_image, check_index_tensor, check_same_image, check_table, dense,
-                    is_channels_last, launch_config, layout_index, require_dense)
+from .utils import (check_image, check_index_tensor, check_same_image, check_table, dense, is_channels_last,
+                    launch_config, layout_index, noise_source, require_dense)
 
 __all__ = ["reverse_update", "NUM_COLUMNS"]
 
@@ -23,7 +23,6 @@ __all__ = ["reverse_update", "NUM_COLUMNS"]
 # 0 model timestep t (keys the noise), 1 sqrt(1/ab), 2 sqrt(1/ab - 1), 3 c_x0, 4 c_xt, 5 c_eps, 6 sigma;
 # the kernel loads them by these offsets.
 NUM_COLUMNS = 8
-NOISE_NONE, NOISE_GIVEN, NOISE_SEEDED = 0, 1, 2
 
 
 @triton.jit
@@ -87,8 +86,6 @@ def reverse_update(x_t, eps, table, row, out=None, *, seeds=None, noise=None, cl
     check_same_image(eps, x_t, "eps", "x_t")
     check_table(table, "table", NUM_COLUMNS, device)
     check_index_tensor(row, "row", (1, batch), device)
-    if seeds is not None and noise is not None:
-        raise ValueError("give at most one of seeds (in-kernel noise) or noise (a tensor)")
     if clip is not None:
         if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not float(clip) > 0:
             raise ValueError(f"clip must be None or a positive float (the x0 range [-r, r]), got {clip!r}")
@@ -98,13 +95,7 @@ def reverse_update(x_t, eps, table, row, out=None, *, seeds=None, noise=None, cl
         out = torch.empty_like(x_t)
     check_same_image(out, x_t, "out", "x_t")
     require_dense(out, "out")
-    mode, z = NOISE_NONE, x_t  # z is an unused pointer unless noise is given
-    if noise is not None:
-        check_same_image(noise, x_t, "noise", "x_t")
-        mode, z = NOISE_GIVEN, dense(noise)
-    elif seeds is not None:
-        check_index_tensor(seeds, "seeds", (batch,), device)
-        mode = NOISE_SEEDED
+    mode, z = noise_source(x_t, seeds, noise, "x_t")
     _, c, h, w = x_t.shape
     block, num_warps, grid = launch_config(c * h * w, batch)
     _reverse_update_kernel[grid](

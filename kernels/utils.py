@@ -112,6 +112,23 @@ def check_table(table, name: str, columns: int | None, device: torch.device) -> 
         raise ValueError(f"{name} must be contiguous")
 
 
+NOISE_NONE, NOISE_GIVEN, NOISE_SEEDED = 0, 1, 2  # the NOISE constexpr of the update kernels
+
+
+def noise_source(x: torch.Tensor, seeds, noise, name: str = "x"):
+    """(NOISE mode, z pointer tensor) of an update kernel: ``noise`` given as a tensor like x, ``seeds``
+    (int64 (B,) on x's device) for in-kernel noise, or neither (z = 0; x stands in as the unused pointer)."""
+    if seeds is not None and noise is not None:
+        raise ValueError("give at most one of seeds (in-kernel noise) or noise (a tensor)")
+    if noise is not None:
+        check_same_image(noise, x, "noise", name)
+        return NOISE_GIVEN, dense(noise)
+    if seeds is not None:
+        check_index_tensor(seeds, "seeds", (x.shape[0],), x.device)
+        return NOISE_SEEDED, x
+    return NOISE_NONE, x
+
+
 @triton.jit
 def layout_index(p, C: tl.constexpr, HW, FROM_CL: tl.constexpr, TO_CL: tl.constexpr):
     """Map an in-image memory position p of layout FROM to the position of the same element in TO.

@@ -357,3 +357,21 @@ def test_ablation_last_stage_reuses_the_ddpm_fast_case_instead_of_timing_it_twic
     assert bench_settings._same_as_ddpm_fast(earlier, done, cuda) is None
     assert bench_settings._same_as_ddpm_fast(last, [{**done[0], "batch_size": 1}], cuda) is None
     assert bench_settings._same_as_ddpm_fast(last, [{**done[0], "error": "OutOfMemoryError"}], cuda) is None
+
+
+@pytest.mark.parametrize("solver", ["dpmpp-2m", "unipc"])
+def test_bench_times_a_solver_against_the_matching_diffusers_scheduler(tmp_path, monkeypatch, solver):
+    """--solver: every sampling case runs that solver (diffusers its scheduler), figures as timed."""
+    pytest.importorskip("diffusers")
+    rc, result, markdown = _tiny_run(tmp_path, monkeypatch, "--impls", "reference,diffusers,ddpm_fast",
+                                     "--only", "sampling", "--solver", solver, "--steps", "2")
+    assert rc == 0, [c["error"] for c in result["cases"]]
+    bench.validate_result(result)
+    assert result["settings"]["solver"] == solver and result["settings"]["steps_reported"] == 2
+    by_impl = {c["impl"]: c for c in result["cases"]}
+    assert by_impl["ddpm_fast"]["config"]["resolved"]["solver"] == solver
+    expected = "UniPCMultistepScheduler" if solver == "unipc" else "DPMSolverMultistepScheduler"
+    assert by_impl["diffusers"]["config"]["scheduler"] == expected
+    for case in result["cases"]:
+        assert case["error"] is None and case["steps_reported"] == 2 and not case["extrapolated"]
+    assert f"## Sampling with {solver}: images/s for 2-step samples" in markdown

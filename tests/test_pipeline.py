@@ -216,7 +216,7 @@ def test_a_list_of_generators_matches_ddpm_pipeline(unet2d):
     (dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr"),
     (dict(timestep_spacing="karras"), "timestep_spacing"),
     (dict(beta_schedule="laplace"), "beta_schedule"),
-    (dict(_class_name="DDIMScheduler"), "DDIMScheduler"),
+    (dict(_class_name="PNDMScheduler"), "PNDMScheduler"),
 ])
 def test_unsupported_scheduler_configs_are_clear_errors(config, match):
     with pytest.raises(ValueError, match=match):

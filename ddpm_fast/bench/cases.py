@@ -36,6 +36,7 @@ class BenchContext:
     model_name: str = "cifar10"
     seed: int = 0
     compile_mode: str = "default"  # diffusers-compiled's torch.compile mode
+    solver: str = "ddpm"  # the sampler every sampling case runs (ddpm_fast.solvers.SOLVERS)
     fast_compile_mode: str | None = None  # None: FastSampler's own choice when compile=True
     _config: object = None
     _weights: dict | None = None
@@ -64,6 +65,13 @@ class BenchContext:
         model = UNet(self.config)
         model.load_state_dict(self._weights)
         return model.to(self.device)
+
+    @property
+    def multistep(self) -> bool:
+        """A few-step solver: figures are per timed run of case.steps steps, not extrapolated to T."""
+        from ..solvers import MULTISTEP_SOLVERS
+
+        return self.solver in MULTISTEP_SOLVERS
 
     def image_shape(self, batch_size: int) -> tuple:
         c = self.config
@@ -117,28 +125,70 @@ def _reference_sampling(case: Case, ctx: BenchContext) -> Runner:
     shape = ctx.image_shape(case.batch_size)
 
     def work(steps=case.steps):
-        reference.sample(model, schedule, shape, generator=generator, timesteps=steps, variance="fixed_large",
-                         clip_x0=True, device=ctx.device)
+        if ctx.multistep:
+            x_T = torch.randn(shape, generator=generator, device=ctx.device)
+            reference.solver_sample(model, schedule, x_T, ctx.solver, steps)
+        elif ctx.solver == "ddim":
+            reference.sample(model, schedule, shape, generator=generator, timesteps=steps, eta=0.0, device=ctx.device)
+        else:
+            reference.sample(model, schedule, shape, generator=generator, timesteps=steps, variance="fixed_large",
+                             clip_x0=True, device=ctx.device)
 
     # Eager code needs no full-length warm-up: two steps load the kernels and cuDNN plans.
     return Runner(ctx.device, work, warmup=lambda: work(min(2, case.steps)),
-                  config={"dtype": "float32", "model": "ddpm_fast.unet.UNet (eager)", "variance": "fixed_large",
-                          "clip_x0": True})
+                  config={"dtype": "float32", "model": "ddpm_fast.unet.UNet (eager)", "solver": ctx.solver,
+                          **({"variance": "fixed_large", "clip_x0": True} if ctx.solver == "ddpm" else {})})
 
 
 def _diffusers_pipeline(ctx: BenchContext):
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    from diffusers import DDPMPipeline, UNet2DModel
 
     from ..diffusers_io import diffusers_config_from_unet
 
     torch.manual_seed(ctx.seed)
     unet = UNet2DModel.from_config(diffusers_config_from_unet(ctx.config)).to(ctx.device).eval()
-    # google/ddpm-cifar10-32's scheduler: linear betas, fixed_large variance, x0 clipped to [-1, 1].
-    scheduler = DDPMScheduler(num_train_timesteps=FULL_STEPS, beta_schedule="linear", beta_start=1e-4,
-                              beta_end=0.02, variance_type="fixed_large", clip_sample=True)
-    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+    pipe = DDPMPipeline(unet=unet, scheduler=diffusers_scheduler(ctx.solver))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def diffusers_scheduler(solver: str):
+    """The diffusers scheduler of a solver name, at the defaults FastSampler's solver matches.
+
+    ddpm: google/ddpm-cifar10-32's scheduler (linear betas, fixed_large variance, x0 clipped to [-1, 1]).
+    """
+    import diffusers
+
+    common = dict(num_train_timesteps=FULL_STEPS, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    if solver == "ddpm":
+        return diffusers.DDPMScheduler(variance_type="fixed_large", clip_sample=True, **common)
+    if solver == "ddim":
+        return diffusers.DDIMScheduler(clip_sample=False, **common)
+    if solver == "unipc":
+        return diffusers.UniPCMultistepScheduler(**common)
+    order = 3 if solver == "dpmpp-3m" else 2
+    algorithm = "sde-dpmsolver++" if solver == "dpmpp-2m-sde" else "dpmsolver++"
+    return diffusers.DPMSolverMultistepScheduler(solver_order=order, algorithm_type=algorithm, **common)
+
+
+def _run_pipeline(pipe, batch_size: int, generator, steps: int):
+    """DDPMPipeline's call; for UniPC (whose step() takes no generator, so DDPMPipeline refuses it) the
+    same loop written out: x_T drawn alike, one U-Net call and one step() per timestep."""
+    from diffusers import UniPCMultistepScheduler
+
+    if not isinstance(pipe.scheduler, UniPCMultistepScheduler):
+        # output_type "pt": a device tensor, as ddpm_fast returns (no PIL encoding, no host copy). Also
+        # the only type that works in bf16: "np"/"pil" call .numpy(), which has no bfloat16.
+        pipe(batch_size=batch_size, generator=generator, num_inference_steps=steps, output_type="pt")
+        return
+    c = pipe.unet.config
+    x = torch.randn((batch_size, c.in_channels, c.sample_size, c.sample_size), generator=generator,
+                    device=generator.device, dtype=pipe.unet.dtype)
+    pipe.scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        for t in pipe.scheduler.timesteps:
+            x = pipe.scheduler.step(pipe.unet(x, t).sample, t, x).prev_sample
+    return (x / 2 + 0.5).clamp(0, 1)  # the pipeline's output mapping, timed as DDPMPipeline's is
 
 
 def _diffusers_sampling(case: Case, ctx: BenchContext) -> Runner:
@@ -146,14 +196,12 @@ def _diffusers_sampling(case: Case, ctx: BenchContext) -> Runner:
     generator = torch.Generator(ctx.device).manual_seed(ctx.seed)
 
     def work(steps=case.steps):
-        # output_type "pt": a device tensor, as ddpm_fast returns (no PIL encoding, no host copy). Also
-        # the only type that works in bf16: "np"/"pil" call .numpy(), which has no bfloat16.
-        pipe(batch_size=case.batch_size, generator=generator, num_inference_steps=steps, output_type="pt")
+        _run_pipeline(pipe, case.batch_size, generator, steps)
 
     params = sum(p.numel() for p in pipe.unet.parameters())
     return Runner(ctx.device, work, warmup=lambda: work(min(2, case.steps)),
                   config={"dtype": "float32", "unet_parameters": params, "output_type": "pt",
-                          "attention": _attention_processor(pipe.unet)})
+                          "attention": _attention_processor(pipe.unet), "scheduler": type(pipe.scheduler).__name__})
 
 
 def _attention_processor(unet) -> str | None:
@@ -188,7 +236,7 @@ def _diffusers_compiled_sampling(case: Case, ctx: BenchContext) -> Runner:
     generator = torch.Generator(ctx.device).manual_seed(ctx.seed)
 
     def work():
-        pipe(batch_size=case.batch_size, generator=generator, num_inference_steps=case.steps, output_type="pt")
+        _run_pipeline(pipe, case.batch_size, generator, case.steps)
 
     def flags():
         import torch._inductor.config as inductor_config
@@ -198,6 +246,7 @@ def _diffusers_compiled_sampling(case: Case, ctx: BenchContext) -> Runner:
     return Runner(ctx.device, work, context=flags,
                   config={"dtype": "bfloat16", "channels_last": True, "compile_mode": ctx.compile_mode,
                           "output_type": "pt", "fullgraph": True, "fused_qkv_attention_modules": fused,
+                          "scheduler": type(pipe.scheduler).__name__,
                           "attention": _attention_processor(unet),
                           "inductor_flags": dict(_DIFFUSERS_INDUCTOR_FLAGS)})
 
@@ -217,8 +266,9 @@ def _fast_sampling(case: Case, ctx: BenchContext) -> Runner:
     options = dict(case.options) or fast_sampler_options(ctx.device)
     if options.get("compile") is True and ctx.fast_compile_mode:
         options["compile"] = ctx.fast_compile_mode  # FastSampler takes a mode string for compile
-    sampler = FastSampler(ctx.fresh_unet().eval(), ctx.schedule, timesteps=case.steps, variance="fixed_large",
-                          clip_x0=True, device=ctx.device, **{**options, "dtype": _dtype(options["dtype"])})
+    sampler = FastSampler(ctx.fresh_unet().eval(), ctx.schedule, timesteps=case.steps, solver=ctx.solver,
+                          variance="fixed_large", clip_x0=ctx.solver == "ddpm", device=ctx.device,
+                          **{**options, "dtype": _dtype(options["dtype"])})
 
     def work():
         sampler.sample(n=case.batch_size, batch_size=case.batch_size)

@@ -98,8 +98,13 @@ def markdown_report(result: dict) -> str:
     ablation = [c for c in cases if c["kind"] == "sampling" and c["impl"].startswith("fast:")]
     training = [c for c in cases if c["kind"] == "training"]
     if sampling:
-        lines += ["", f"## Sampling: images/s for {FULL_STEPS}-step samples "
-                      f"(timed over {settings.get('steps_timed')} steps, per-step time x {FULL_STEPS})", ""]
+        solver = settings.get("solver") or "ddpm"
+        if settings.get("steps_reported", FULL_STEPS) != FULL_STEPS:  # a few-step solver: as timed
+            lines += ["", f"## Sampling with {solver}: images/s for {settings.get('steps_timed')}-step samples "
+                          "(as timed)", ""]
+        else:
+            lines += ["", f"## Sampling ({solver}): images/s for {FULL_STEPS}-step samples "
+                          f"(timed over {settings.get('steps_timed')} steps, per-step time x {FULL_STEPS})", ""]
         lines += _table(sampling, list(BASELINES), index)
     if ablation:
         lines += ["", f"## Ablation: one optimisation at a time (batch {ablation[0]['batch_size']})", ""]

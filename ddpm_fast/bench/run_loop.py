@@ -37,7 +37,8 @@ def _case_record(case: Case, *, steps_reported, error=None, **extra) -> dict:
 def run_case(case: Case, ctx: BenchContext, *, repeats: int, warmup: int, flops: dict, peak_flops: float | None,
              sampler: telemetry.GpuSampler | None = None, max_seconds: float | None = None) -> dict:
     """Build, warm up and time one case; returns its JSON record (``error`` set instead of raising)."""
-    record = _case_record(case, steps_reported=FULL_STEPS if case.kind == "sampling" else case.steps)
+    full_steps = case.steps if ctx.multistep else FULL_STEPS  # a few-step solver is reported as timed
+    record = _case_record(case, steps_reported=full_steps if case.kind == "sampling" else case.steps)
     device = ctx.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -50,7 +51,8 @@ def run_case(case: Case, ctx: BenchContext, *, repeats: int, warmup: int, flops:
         phases = {}
         seconds = time_runner(runner, repeats, warmup, max_seconds=max_seconds, phases=phases)
         per_image = flops.get(case.kind)
-        record.update(throughput(seconds, case.kind, case.batch_size, case.steps, per_image, peak_flops))
+        record.update(throughput(seconds, case.kind, case.batch_size, case.steps, per_image, peak_flops,
+                                 full_steps=full_steps))
         record.update(first_run(build_s, phases, seconds, case.kind, case.steps))
         record["flops_per_image_step"] = per_image
     except Exception as exc:  # noqa: BLE001 - one case's failure (OOM, missing package) must not end the run
@@ -110,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     now = _dt.datetime.now(_dt.timezone.utc)
     ctx = BenchContext(device=device, model_name=args.model, seed=args.seed, compile_mode=args.compile_mode,
-                       fast_compile_mode=args.fast_compile_mode)
+                       fast_compile_mode=args.fast_compile_mode, solver=args.solver)
     device_info = telemetry.describe_device(device)
     out = Path(args.out) if args.out else default_out_path(device_info, now)
     flops = model_flops(ctx)
@@ -125,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
         "model": {"name": args.model, "config": ctx.config.to_dict(),
                   "parameters": _parameter_count(ctx.config),
                   **{k: v for k, v in flops.items() if k not in ("sampling", "training")}},
-        "settings": {"batch_sizes": settings.batch_sizes, "steps_timed": settings.steps,
-                     "steps_reported": FULL_STEPS, "impls": settings.impls, "ablation_batch": settings.ablation_batch,
+        "settings": {"batch_sizes": settings.batch_sizes, "steps_timed": settings.steps, "solver": args.solver,
+                     "steps_reported": settings.steps if ctx.multistep else FULL_STEPS, "impls": settings.impls, "ablation_batch": settings.ablation_batch,
                      "train_batch_sizes": settings.train_batch_sizes, "train_steps": settings.train_steps,
                      "repeats": settings.repeats, "warmup": settings.warmup, "quick": settings.quick,
                      "time_budget_s": args.time_budget, "compile_mode": args.compile_mode,

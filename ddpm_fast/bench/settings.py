@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..argtypes import positive_int, positive_int_list
+from ..solvers import SOLVERS
 from .cases import FULL_STEPS, SAMPLING_IMPLS, TRAINING_IMPLS, Case, fast_sampler_options
 
 MODELS = ("cifar10", "digits", "tiny")
@@ -79,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's own; 1 is steadier on a busy shared CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and noise")
+    parser.add_argument("--solver", choices=SOLVERS, default="ddpm",
+                        help="sampler of every sampling case: ddpm (default), ddim, dpmpp-2m, dpmpp-3m, dpmpp-2m-sde "
+                             "or unipc; diffusers runs the matching scheduler in DDPMPipeline. With a multistep "
+                             "solver images/s are for the --steps timed (no extrapolation to 1000 steps)")
     parser.add_argument("--telemetry-interval-ms", type=positive_int, default=100,
                         help="NVML sampling interval (default 100 ms)")
     parser.add_argument("--quick", action="store_true",

@@ -43,19 +43,19 @@ def time_runner(runner: Runner, repeats: int, warmup: int = 1, max_seconds: floa
 
 
 def throughput(seconds: list[float], kind: str, batch_size: int, steps: int, flops_per_image_step: int | None,
-               peak_flops: float | None) -> dict:
+               peak_flops: float | None, full_steps: int = FULL_STEPS) -> dict:
     """Figures from the per-run times (median).
 
-    sampling: ms_per_step = median / steps; images_per_s is for a FULL_STEPS-step sample (extrapolated
-    when steps < FULL_STEPS). training: ms_per_step = median / steps (one optimizer step); images_per_s =
+    sampling: ms_per_step = median / steps; images_per_s is for a ``full_steps``-step sample (FULL_STEPS
+    for DDPM, extrapolated when steps < FULL_STEPS; the timed steps themselves for a few-step solver). training: ms_per_step = median / steps (one optimizer step); images_per_s =
     batch * steps / median. flops_per_image_step: FLOPs one image costs per step (a forward for sampling,
     forward + backward for training). mfu = achieved FLOP/s / peak_flops, None without a peak (CPU).
     """
     median = statistics.median(seconds)
     step_s = median / steps
     if kind == "sampling":
-        images_per_s = batch_size / (step_s * FULL_STEPS)
-        steps_reported = FULL_STEPS
+        images_per_s = batch_size / (step_s * full_steps)
+        steps_reported = full_steps
     else:
         images_per_s = batch_size / step_s
         steps_reported = steps
