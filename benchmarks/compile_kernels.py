@@ -4,7 +4,8 @@ on a machine without one; report registers, spills and vectorised memory access.
 Triton's interpreter (TRITON_INTERPRET=1, what the CPU test suite runs) accepts code that Triton's compiler
 rejects, so interpreter tests alone prove nothing about a GPU. This script:
 
-1. calls the public wrappers (``ddpm_fast.kernels.q_sample / reverse_update / seeded_randn``) on CPU
+1. calls the public wrappers (``ddpm_fast.kernels.q_sample / reverse_update / solver_update /
+   seeded_randn``) on CPU
    tensors with every argument combination that ``ddpm_fast.ops``, the sampler and training pass: each
    dtype, both layouts, every noise mode, clip on and off, per-sample rows and steps, odd sizes;
 2. records each launch instead of running it, and derives its specialisation (pointer dtypes and
@@ -38,9 +39,10 @@ import torch
 import triton
 
 TARGETS = {"sm_90": ("cuda", 90, 32), "sm_80": ("cuda", 80, 32)}
-KERNEL_MODULES = ("ddpm_fast.kernels.noising", "ddpm_fast.kernels.reverse_update")
+KERNEL_MODULES = ("ddpm_fast.kernels.noising", "ddpm_fast.kernels.reverse_update", "ddpm_fast.kernels.solver_update")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-HOT_PATH = "sampler: x fp32 CL, eps bf16 CL, seeded noise"  # must compile to vectorised loads and stores
+# the sampler's per-step updates at their defaults on CUDA: must compile to vectorised loads and stores
+HOT_PATHS = ("sampler: x fp32 CL, eps bf16 CL, seeded noise", "solver dpmpp-2m: x fp32 CL, eps bf16 CL")
 
 
 # -- 1. the launches -----------------------------------------------------------------------------------
@@ -104,6 +106,35 @@ def _launch_cases():
     add("reverse update: x NCHW, eps CL, z CL, out CL", lambda: kernels.reverse_update(
         _image((batch, 3, 32, 32), "fp32", False), _image((batch, 3, 32, 32), "fp16", True), table, rows,
         out=_image((batch, 3, 32, 32), "fp32", True), noise=_image((batch, 3, 32, 32), "bf16", True)))
+
+    # solver_update (FastSampler with solver=...): x and the history fp32 in x's layout, updated in place;
+    # NUM_HIST = order - 1 for DPM-Solver++, order for UniPC (which also keeps its last sample).
+    from ddpm_fast.solvers import NUM_SOLVER_COLUMNS
+
+    solver_table = torch.rand(10, NUM_SOLVER_COLUMNS)
+    solver_configs = {"dpmpp-2m": (1, False, None), "dpmpp-3m": (2, False, None), "unipc": (2, True, None),
+                      "dpmpp-2m-sde": (1, False, "seeded")}
+
+    def solver_step(cl, eps_dtype, num_hist, corrector, noise, shape=(batch, 3, 32, 32), eps_cl=None, row=counter):
+        x = _image(shape, "fp32", cl)
+        history = [_image(shape, "fp32", cl) for _ in range(num_hist)]
+        last = _image(shape, "fp32", cl) if corrector else None
+        z = _image(shape, "fp32", cl) if noise == "generator" else None
+        kernels.solver_update(x, _image(shape, eps_dtype, cl if eps_cl is None else eps_cl), solver_table, row,
+                              history, last, seeds=seeds[:shape[0]] if noise == "seeded" else None, noise=z)
+
+    for name, (num_hist, corrector, noise) in solver_configs.items():
+        for eps_dtype in DTYPES:
+            add(f"solver {name}: x fp32 CL, eps {eps_dtype} CL",
+                lambda a=(True, eps_dtype, num_hist, corrector, noise): solver_step(*a))
+        add(f"solver {name}: x fp32 NCHW, eps fp32 NCHW", lambda a=(False, "fp32", num_hist, corrector, noise):
+            solver_step(*a))
+    add("solver order 1 (no history)", lambda: solver_step(True, "bf16", 0, False, None))
+    add("solver unipc order 3", lambda: solver_step(True, "bf16", 3, True, None))
+    add("solver dpmpp-2m-sde with a generator's noise", lambda: solver_step(True, "fp32", 1, False, "generator"))
+    add("solver: x CL, eps NCHW", lambda: solver_step(True, "fp16", 1, False, None, eps_cl=False))
+    add("solver: odd size (1, 5, 7), batch 1, int32 row", lambda: solver_step(
+        False, "fp32", 2, True, "seeded", shape=(1, 1, 5, 7), row=counter.int()))
 
     # q_sample: training (seeded eps, a step for the batch) and ops.q_sample (eps given), every dtype/layout.
     for dtype in DTYPES:
@@ -284,13 +315,13 @@ def run(workers: int) -> dict:
         row["spill_bytes"] = row["spill_stores"] + row["spill_loads"] + row["local"] if row["ok"] else None
     failures = [r for r in rows if not r["ok"]]
     spills = [r for r in rows if r["ok"] and r["spill_bytes"]]
-    hot = [r for r in rows if r["ok"] and any(c.startswith(HOT_PATH) for c in r["cases"])]
+    hot = [r for r in rows if r["ok"] and any(c.startswith(HOT_PATHS) for c in r["cases"])]
     unvectorised = [r for r in hot if not _vectorised(r)]
     return {
         "triton": triton.__version__, "torch": torch.__version__, "targets": list(TARGETS),
         "kernels": kernel_names, "cases": len({label for label, *_ in recorded}), "launches": len(recorded),
         "specialisations": len(rows), "compile_failures": len(failures), "spilling": len(spills),
-        "hot_path": HOT_PATH, "hot_path_specialisations": len(hot), "hot_path_unvectorised": len(unvectorised),
+        "hot_paths": list(HOT_PATHS), "hot_path_specialisations": len(hot), "hot_path_unvectorised": len(unvectorised),
         "seconds": round(time.perf_counter() - started, 1), "rows": rows,
     }
 

@@ -50,7 +50,8 @@ def test_every_specialisation_compiles_for_sm90_and_sm80(report):
     for row in report["rows"]:
         by_kernel.setdefault(row["kernel"], set()).add(row["target"])
     assert by_kernel == {name: {"sm_90", "sm_80"} for name in report["kernels"]}
-    assert set(report["kernels"]) == {"_q_sample_kernel", "_reverse_update_kernel", "_seeded_randn_kernel"}
+    assert set(report["kernels"]) == {"_q_sample_kernel", "_reverse_update_kernel", "_seeded_randn_kernel",
+                                      "_solver_update_kernel"}
 
 
 def test_no_register_spills_and_no_local_memory(report):
@@ -62,11 +63,13 @@ def test_no_register_spills_and_no_local_memory(report):
 
 
 def test_the_sampler_hot_path_is_vectorised(report):
-    hot = [r for r in report["rows"] if any(c.startswith(compile_kernels.HOT_PATH) for c in r["cases"])]
-    assert {r["target"] for r in hot} == {"sm_90", "sm_80"}
+    hot = [r for r in report["rows"] if any(c.startswith(compile_kernels.HOT_PATHS) for c in r["cases"])]
+    assert {(r["kernel"], r["target"]) for r in hot} == {
+        (k, t) for k in ("_reverse_update_kernel", "_solver_update_kernel") for t in ("sm_90", "sm_80")}
     for row in hot:
-        assert row["pointers"]["x"] == "fp32" and row["pointers"]["eps"] == "bf16"
-        assert row["constexprs"]["NOISE"] == 2 and row["constexprs"]["OUT_CL"] and row["constexprs"]["E_CL"]
+        assert row["pointers"]["x"] == "fp32" and row["pointers"]["eps"] == "bf16" and row["constexprs"]["E_CL"]
+        if row["kernel"] == "_reverse_update_kernel":
+            assert row["constexprs"]["NOISE"] == 2 and row["constexprs"]["OUT_CL"]
         assert compile_kernels._vectorised(row), row["memory_ops"]
     assert report["hot_path_unvectorised"] == 0
 
@@ -90,6 +93,10 @@ def test_the_launches_cover_every_dtype_layout_noise_mode_clip_and_row_kind(repo
     assert seen[(noising, "*x0")] == seen[(noising, "*out")] == dtypes and seen[(noising, "*t")] == {"i32", "i64"}
     assert seen[(randn, "OUT_CL")] == seen[(randn, "STEP_PER_SAMPLE")] == {False, True}
     assert seen[(randn, "*out")] == dtypes
+    solver = "_solver_update_kernel"
+    assert seen[(solver, "NUM_HIST")] == {0, 1, 2, 3} and seen[(solver, "CORRECTOR")] == {False, True}
+    assert seen[(solver, "NOISE")] == {0, 1, 2} and seen[(solver, "*eps")] == dtypes
+    assert seen[(solver, "CL")] == seen[(solver, "E_CL")] == {False, True} and seen[(solver, "*row")] == {"i32", "i64"}
     # odd sizes (C = 1, 5 x 7) besides CIFAR's C = 3; block sizes from the smallest to the largest
     assert {1, 3} <= seen[(update, "C")] and {128, 1024} <= seen[(update, "BLOCK")]
 
