@@ -29,7 +29,7 @@ from .errors import CheckpointError
 from .sampler import DEFAULT_BATCH_SIZE, SEED_LIMIT
 from .schedule import NoiseSchedule
 
-__all__ = ["parse_seeds", "load_model_source", "generate", "write_samples", "sample_to_folder", "SampleResult"]
+__all__ = ["parse_seeds", "load_model_source", "iter_generate", "generate", "write_samples", "sample_to_folder", "SampleResult"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,17 +153,14 @@ def load_model_source(source, *, use_ema: bool = True, device=None):
 # 2. seeds -> images
 
 
-def generate(model, schedule: NoiseSchedule, seeds, *, steps=None, variance: str = "fixed_large",
-             clip_x0: bool = True, reference: bool = False, batch_size: int | None = None,
-             device=None, sampler_options: dict | None = None) -> torch.Tensor:
-    """Sample one image per seed: float32 (N, C, H, W) on the CPU, in [-1, 1].
+def iter_generate(model, schedule: NoiseSchedule, seeds, *, steps=None, variance: str = "fixed_large",
+                  clip_x0: bool = True, reference: bool = False, batch_size: int | None = None,
+                  device=None, sampler_options: dict | None = None):
+    """Sample one image per seed, one batch at a time: yields ``(batch_seeds, images)`` in seed order,
+    images float32 (B, C, H, W) on the CPU in [-1, 1], B <= batch_size (only the last batch is shorter).
 
-    model: a ddpm_fast UNet (or any eps model with ``config.sample_size/in_channels``). seeds: N ints in
-    [0, 2**32). steps: None (all T), an int n (diffusers' leading spacing) or a descending list.
-    variance: "fixed_large" (Ho) or "fixed_small". clip_x0: clip the predicted x0 to [-1, 1] each step
-    (Ho's and diffusers' default). reference: use the oracle ``reference.sample`` instead of FastSampler.
-    batch_size: images per batch (default: all, at most DEFAULT_BATCH_SIZE = 256); the result does not depend on it.
-    sampler_options: extra FastSampler arguments (e.g. ``{"compile": False}``).
+    The hook for anything that consumes images as they come off the sampler (FID features, streamed
+    files): only one batch is alive at a time. Arguments as :func:`generate`.
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -177,7 +174,14 @@ def generate(model, schedule: NoiseSchedule, seeds, *, steps=None, variance: str
 
         sampler = FastSampler(model, schedule, timesteps=steps, variance=variance, clip_x0=clip_x0, device=device,
                               **(sampler_options or {}))
-        return sampler.sample(seeds=seeds, batch_size=batch_size).float().cpu()
+        for start in range(0, len(seeds), batch_size):
+            chunk = seeds[start:start + batch_size]
+            # pad a short last batch with its last seed (images are independent): one batch shape, so the
+            # sampler keeps its compiled graph and CUDA-graph capture; the padded rows are dropped
+            padded = chunk + chunk[-1:] * (batch_size - len(chunk))
+            images = sampler.sample(seeds=padded, batch_size=batch_size)[:len(chunk)]
+            yield chunk, images.float().cpu()
+        return
 
     from . import ops
     from . import reference as oracle
@@ -186,7 +190,6 @@ def generate(model, schedule: NoiseSchedule, seeds, *, steps=None, variance: str
     image_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
     was_training = model.training
     model.eval()  # dropout off; restored below
-    out = []
     try:
         for start in range(0, len(seeds), batch_size):
             chunk = seeds[start:start + batch_size]
@@ -197,10 +200,27 @@ def generate(model, schedule: NoiseSchedule, seeds, *, steps=None, variance: str
 
             x = oracle.sample(model, schedule, (len(chunk), *image_shape), variance=variance, clip_x0=clip_x0,
                               timesteps=steps, device=device, noise_fn=noise_fn)
-            out.append(x.clamp(-1.0, 1.0).float().cpu())
+            yield chunk, x.clamp(-1.0, 1.0).float().cpu()
     finally:
         model.train(was_training)
-    return torch.cat(out)
+
+
+def generate(model, schedule: NoiseSchedule, seeds, *, steps=None, variance: str = "fixed_large",
+             clip_x0: bool = True, reference: bool = False, batch_size: int | None = None,
+             device=None, sampler_options: dict | None = None) -> torch.Tensor:
+    """Sample one image per seed: float32 (N, C, H, W) on the CPU, in [-1, 1].
+
+    model: a ddpm_fast UNet (or any eps model with ``config.sample_size/in_channels``). seeds: N ints in
+    [0, 2**32). steps: None (all T), an int n (diffusers' leading spacing) or a descending list.
+    variance: "fixed_large" (Ho) or "fixed_small". clip_x0: clip the predicted x0 to [-1, 1] each step
+    (Ho's and diffusers' default). reference: use the oracle ``reference.sample`` instead of FastSampler.
+    batch_size: images per batch (default: all, at most DEFAULT_BATCH_SIZE = 256); the result does not depend on it.
+    sampler_options: extra FastSampler arguments (e.g. ``{"compile": False}``).
+    """
+    batches = iter_generate(model, schedule, seeds, steps=steps, variance=variance, clip_x0=clip_x0,
+                            reference=reference, batch_size=batch_size, device=device,
+                            sampler_options=sampler_options)
+    return torch.cat([images for _, images in batches])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,25 +256,60 @@ def write_samples(images: torch.Tensor, out_dir, *, seeds=None, png_per_image: b
     return paths
 
 
+GRID_MAX = 1024  # grid.png shows at most the first 1024 images (32 x 32); samples.npz holds them all
+
+
+def _write_npz_streamed(tmp: Path, shape: tuple[int, ...], blocks) -> None:
+    """Write ``arr_0`` of ``shape`` (uint8) into the .npz ``tmp`` from an iterator of row blocks, as
+    np.savez lays it out (an uncompressed zip holding arr_0.npy), without the whole array in memory."""
+    import zipfile
+
+    rows = 0
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as member:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                      "shape": tuple(int(d) for d in shape)}
+            np.lib.format.write_array_header_2_0(member, header)
+            for block in blocks:
+                if block.dtype != np.uint8 or block.shape[1:] != tuple(shape[1:]):
+                    raise ValueError(f"block {block.dtype} {block.shape} does not fit arr_0 {shape}")
+                member.write(np.ascontiguousarray(block).tobytes())
+                rows += block.shape[0]
+    if rows != shape[0]:  # the header promised shape[0] rows: a short file must never be renamed into place
+        raise RuntimeError(f"wrote {rows} of {shape[0]} images to {tmp}")
+
+
 @dataclass
 class SampleResult:
-    """What :func:`sample_to_folder` did: files written, the settings used and how long it took."""
+    """What :func:`sample_to_folder` did: files written, the settings used and how long it took.
+
+    seconds: sampling alone; hook_seconds: time spent in ``on_batch`` (e.g. FID features);
+    write_seconds: converting and writing the files.
+    """
 
     paths: dict
     num_images: int
     meta: dict
     settings: dict
     seconds: float
+    hook_seconds: float = 0.0
+    write_seconds: float = 0.0
 
 
 def sample_to_folder(source, out_dir, seeds, *, steps=None, variance: str | None = None,
                      clip_x0: bool | None = None, reference: bool = False, batch_size: int | None = None,
-                     png_per_image: bool = False, use_ema: bool = True, device=None) -> SampleResult:
+                     png_per_image: bool = False, use_ema: bool = True, device=None,
+                     on_batch=None) -> SampleResult:
     """Load ``source``, sample one image per seed and write them to ``out_dir`` (see the module docstring).
 
     variance / clip_x0: None takes the source's defaults (fixed_large with clipping for ddpm-fast runs;
     a diffusers pipeline's scheduler settings). device: None = CUDA when available.
+    on_batch: optional ``f(images, seeds)`` called on each batch as it comes off the sampler (float32
+    (B, C, H, W) CPU images in [-1, 1], the batch's seeds), e.g. FID features.
+    Images are written batch by batch (samples.npz is streamed, grid.png keeps the first GRID_MAX), so
+    memory holds one batch whatever the number of seeds.
     """
+    from .data import save_grid, save_pngs, to_uint8_nhwc
     from .training import resolve_device
 
     device = resolve_device(device)
@@ -263,9 +318,39 @@ def sample_to_folder(source, out_dir, seeds, *, steps=None, variance: str | None
                 "variance": variance or meta["variance"],
                 "clip_x0": meta["clip_x0"] if clip_x0 is None else bool(clip_x0),
                 "sampler": "reference" if reference else "FastSampler", "device": str(device)}
+    seeds = [int(s) for s in seeds]
+    c, size = model.config.in_channels, model.config.sample_size
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batches = iter_generate(model, schedule, seeds, steps=steps, variance=settings["variance"],
+                            clip_x0=settings["clip_x0"], reference=reference, batch_size=batch_size, device=device)
+    timing = {"hook": 0.0, "write": 0.0}
+    grid: list[np.ndarray] = []
+    paths: dict[str, Path] = {}
+
+    def pixel_blocks():
+        for chunk, images in batches:
+            if on_batch is not None:
+                t0 = time.perf_counter()
+                on_batch(images, chunk)
+                timing["hook"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            pixels = to_uint8_nhwc(images)  # (B, H, W, C) uint8, the same rounding as DDPMPipeline
+            if sum(len(g) for g in grid) < GRID_MAX:
+                grid.append(pixels[:GRID_MAX - sum(len(g) for g in grid)])
+            if png_per_image:
+                save_pngs(pixels, out_dir / "images", names=[f"seed{s:06d}" for s in chunk])
+            timing["write"] += time.perf_counter() - t0
+            yield pixels
+
     start = time.perf_counter()
-    images = generate(model, schedule, seeds, steps=steps, variance=settings["variance"],
-                      clip_x0=settings["clip_x0"], reference=reference, batch_size=batch_size, device=device)
-    seconds = time.perf_counter() - start
-    paths = write_samples(images, out_dir, seeds=seeds, png_per_image=png_per_image)
-    return SampleResult(paths, len(seeds), meta, settings, seconds)
+    paths["npz"] = atomic_write(out_dir / "samples.npz",
+                                lambda tmp: _write_npz_streamed(tmp, (len(seeds), size, size, c), pixel_blocks()))
+    seconds = time.perf_counter() - start - timing["hook"] - timing["write"]
+    t0 = time.perf_counter()
+    first = np.concatenate(grid)
+    paths["grid"] = save_grid(first, out_dir / "grid.png", scale=max(1, 32 // first.shape[1]))
+    if png_per_image:
+        paths["images"] = out_dir / "images"
+    timing["write"] += time.perf_counter() - t0
+    return SampleResult(paths, len(seeds), meta, settings, seconds, timing["hook"], timing["write"])
