@@ -26,8 +26,8 @@ import torch
 from .errors import DataError
 from .fid_stats import RunningStats, frechet_distance, is_stats_file, load_stats
 
-__all__ = ["FIDCollector", "FIDInput", "image_batches", "compute_stats", "fid_input", "fid_between",
-           "uint8_nchw", "DEFAULT_FID_BATCH"]
+__all__ = ["FIDCollector", "FIDInput", "image_batches", "compute_stats", "fid_input", "stats_of", "fid_between",
+           "load_extractor", "reference_stats", "sample_fid", "uint8_nchw", "DEFAULT_FID_BATCH"]
 
 DEFAULT_FID_BATCH = 200
 
@@ -141,3 +141,40 @@ def fid_between(a: FIDInput, b: FIDInput, extractor, batch_size: int = DEFAULT_F
     mu1, s1, n1 = stats_of(a, extractor, batch_size)
     mu2, s2, n2 = stats_of(b, extractor, batch_size)
     return {"fid": frechet_distance(mu1, s1, mu2, s2), "n_samples": n1, "n_ref": n2, "feature_dim": int(mu1.shape[0])}
+
+
+def load_extractor(weights=None, device=None):
+    """The standard FID feature extractor: torch-fidelity's Inception (see :mod:`ddpm_fast.inception`)."""
+    from .inception import load_inception
+
+    return load_inception(weights, device=device)
+
+
+def reference_stats(ref, extractor, batch_size: int = DEFAULT_FID_BATCH, *, image_size=None) -> dict:
+    """Statistics of a reference (stats .npz, samples.npz, image folder, ...): {"mu", "sigma", "n", "path"}."""
+    item = fid_input(ref, image_size=image_size)
+    mu, sigma, n = stats_of(item, extractor, batch_size)
+    return {"mu": mu, "sigma": sigma, "n": n, "path": item.path, "kind": item.kind}
+
+
+def sample_fid(model, schedule, ref: dict, extractor, seeds, *, steps=None, variance="fixed_large",
+               clip_x0: bool = True, batch_size: int | None = None, device=None,
+               sampler_options: dict | None = None) -> dict:
+    """FID of one sample per seed against ``ref`` (from :func:`reference_stats`), features taken batch by
+    batch as images come off the sampler (the images are dropped after their batch).
+
+    Returns {"fid", "n_samples", "sample_seconds", "feature_seconds"}.
+    """
+    import time
+
+    from .generate import iter_generate
+
+    collector = FIDCollector(extractor)
+    start = time.perf_counter()
+    for _, images in iter_generate(model, schedule, seeds, steps=steps, variance=variance, clip_x0=clip_x0,
+                                   batch_size=batch_size, device=device, sampler_options=sampler_options):
+        collector.add_float(images)
+    total = time.perf_counter() - start
+    mu, sigma = collector.finish()
+    return {"fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), "n_samples": collector.stats.n,
+            "sample_seconds": total - collector.seconds, "feature_seconds": collector.seconds}

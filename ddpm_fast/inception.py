@@ -12,8 +12,11 @@ line naming the file and where to put it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -103,13 +106,15 @@ def load_inception(weights=None, device=None) -> InceptionFeatures:
         if path.is_file():
             network = extractor(NAME, [FEATURE], feature_extractor_weights_path=str(path))
         else:  # torch-fidelity downloads the weights into torch.hub's cache (the path above)
-            network = extractor(NAME, [FEATURE])
+            with contextlib.redirect_stderr(io.StringIO()):  # torch.hub's progress lines: errors get one line
+                network = extractor(NAME, [FEATURE])
     except (OSError, RuntimeError, ValueError, EOFError) as exc:
         if path.is_file():
             raise DDPMFastError(f"cannot load Inception weights from {path}: {str(exc).splitlines()[0]}; "
                                 f"it should be torch-fidelity's {WEIGHTS_FILE}") from None
+        url = getattr(sys.modules.get(extractor.__module__), "URL_INCEPTION_V3", "torch-fidelity's release files")
         raise DDPMFastError(f"no Inception weights and the download failed ({type(exc).__name__}): get "
-                            f"{WEIGHTS_FILE} (torch-fidelity's release files) and put it at {path}, or pass "
+                            f"{WEIGHTS_FILE} ({url}) and put it at {path}, or pass "
                             f"--inception-weights PATH / set {WEIGHTS_ENV}") from None
     if not path.is_file():
         raise DDPMFastError(f"torch-fidelity loaded Inception but {path} is missing: pass --inception-weights PATH")
