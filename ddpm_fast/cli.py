@@ -44,6 +44,11 @@ def _add_train(sub) -> None:
     p.add_argument("--no-compile", dest="compile", action="store_false", default=None,
                    help="do not torch.compile the model (compile is on by default on CUDA only)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--fid-every", type=nonnegative_int,
+                   help="every N steps (and at the end) log the FID of EMA samples into log.jsonl (0: off)")
+    p.add_argument("--fid-ref", metavar="REF", help="FID reference: a statistics .npz from fid-stats (or images)")
+    p.add_argument("--fid-samples", type=positive_int, help="samples per FID (default 5000; 50000 for the paper figure)")
+    _add_inception_weights(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     # hidden: shrink the model (e.g. in tests): --unet-channels 16,32
     p.add_argument("--unet-channels", help=argparse.SUPPRESS)
@@ -64,7 +69,9 @@ def _run_train(args) -> int:
                          batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
                          save_every=args.save_every, sample_every=args.sample_every, seed=args.seed,
                          device=args.device, compile=args.compile, resume=args.resume, progress=args.progress,
-                         unet=unet)
+                         unet=unet, fid_every=args.fid_every or 0, fid_ref=args.fid_ref,
+                         inception_weights=args.inception_weights,
+                         **({"fid_samples": args.fid_samples} if args.fid_samples else {}))
     result = train(config)
     if result.resumed_from is not None and result.resumed_from >= result.step:
         print(f"{result.run_dir} is already at step {result.step}: pass a larger --steps to train on")
