@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import ddpm_fast.fid as fid_module
+from cli_helpers import error_line as _error_line
 from ddpm_fast.cli import main
 from ddpm_fast.errors import DataError
 from ddpm_fast.fid import FIDCollector, compute_stats, fid_input, uint8_nchw
@@ -242,13 +243,6 @@ def tiny_inception(monkeypatch):
     monkeypatch.setattr(fid_module, "load_extractor", lambda weights=None, device=None: ext)
     return ext
 
-
-def _error_line(capsys):
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ddpm-fast: error: "), err
-    return lines[0]
 
 
 def test_fid_stats_and_fid_commands(tmp_path, tiny_inception, capsys):

@@ -30,6 +30,7 @@ except Exception as exc:  # ImportError, or torchvision's "operator torchvision:
                 f"{str(exc).splitlines()[0] if str(exc) else ''}); .ci/fid-tests runs these in their own venv",
                 allow_module_level=True)
 
+from cli_helpers import error_line as _error_line
 from ddpm_fast.cli import main
 from fid_helpers import stats_bounds
 from ddpm_fast.fid_stats import frechet_distance, load_stats
@@ -95,13 +96,6 @@ def test_weights_from_the_environment_and_the_hub_cache(weights, tmp_path, monke
     finally:
         torch.hub.set_dir(saved)
 
-
-def _error_line(capsys):
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ddpm-fast: error: "), err
-    return lines[0]
 
 
 def test_missing_weights_offline_is_one_line(tmp_path, monkeypatch, capsys):
