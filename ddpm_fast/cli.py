@@ -224,6 +224,9 @@ def _add_fid(sub) -> None:
     p.add_argument("samples", help="samples.npz, an image folder or a statistics .npz")
     p.add_argument("--ref", required=True, help="reference: a statistics .npz (e.g. from fid-stats), images or a folder")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
+    p.add_argument("--kid", action="store_true",
+                   help="also KID (torch-fidelity's 100 subsets of 1000); both sides must be images, whose features "
+                        "are then kept in memory")
     _add_fid_input_options(p)
     p.set_defaults(func=_run_fid)
 
@@ -239,7 +242,9 @@ def _run_fid(args) -> int:
     extractor = None
     if samples.stats is None or ref.stats is None:
         extractor = load_extractor(args.inception_weights, device=resolve_device(args.device))
-    result = fid_between(samples, ref, extractor, args.batch_size or DEFAULT_FID_BATCH)
+    if args.kid and (samples.stats is not None or ref.stats is not None):
+        raise ValueError("--kid needs images on both sides (KID is computed from features, not from mu and sigma)")
+    result = fid_between(samples, ref, extractor, args.batch_size or DEFAULT_FID_BATCH, kid=args.kid)
     result.update(samples=samples.path, ref=ref.path)
     if extractor is not None:
         result.update(extractor.info)
@@ -248,6 +253,9 @@ def _run_fid(args) -> int:
     else:
         counts = [f"{n} images" if n is not None else "statistics" for n in (result["n_samples"], result["n_ref"])]
         print(f"FID {result['fid']:.4f}  ({samples.path}: {counts[0]}; {ref.path}: {counts[1]})")
+        if "kid" in result:
+            print(f"KID {result['kid']:.6f} +- {result['kid_std']:.6f}  ({result['kid_subsets']} subsets of "
+                  f"{result['kid_subset_size']})")
     return 0
 
 

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .fid_stats import RunningStats, frechet_distance, is_stats_file, load_stats
+from .fid_stats import RunningStats, frechet_distance, is_stats_file, kernel_inception_distance, load_stats
 
-__all__ = ["FIDCollector", "FIDInput", "image_batches", "compute_stats", "fid_input", "stats_of", "fid_between",
+__all__ = ["FIDCollector", "FIDInput", "image_batches", "collect", "compute_stats", "fid_input", "stats_of", "fid_between",
            "load_extractor", "reference_stats", "sample_fid", "uint8_nchw", "DEFAULT_FID_BATCH"]
 
 DEFAULT_FID_BATCH = 200
@@ -47,8 +47,12 @@ class FIDCollector:
     rank calls it) and returns (mu, sigma).
     """
 
-    def __init__(self, extractor, stats_device=None):
+    def __init__(self, extractor, stats_device=None, keep_features: bool = False):
         self.extractor = extractor
+        # KID needs the features themselves: kept (float32, on the CPU) only when asked for
+        self.features: list[torch.Tensor] | None = [] if keep_features else None
+        # the sums live where the features come out (an Inception on CUDA: the 2048 x 2048 product runs there)
+        stats_device = stats_device if stats_device is not None else getattr(extractor, "device", None)
         self.stats = RunningStats(int(extractor.dim), device=stats_device)
         self.seconds = 0.0  # time spent in the extractor and the sums (the caller times everything else)
 
@@ -56,7 +60,10 @@ class FIDCollector:
         import time
 
         start = time.perf_counter()
-        self.stats.update(self.extractor(images))
+        features = self.extractor(images)
+        self.stats.update(features)
+        if self.features is not None:
+            self.features.append(features.detach().to("cpu", torch.float32))
         self.seconds += time.perf_counter() - start
 
     def add_float(self, images: torch.Tensor) -> None:
@@ -77,11 +84,17 @@ def image_batches(dataset, batch_size: int = DEFAULT_FID_BATCH):
         yield uint8_nchw(dataset.gather(idx))
 
 
-def compute_stats(dataset, extractor, batch_size: int = DEFAULT_FID_BATCH) -> tuple[np.ndarray, np.ndarray, int]:
-    """(mu, sigma, n) of an ``ImageDataset`` in ``extractor``'s feature space, batch by batch."""
-    collector = FIDCollector(extractor)
+def collect(dataset, extractor, batch_size: int = DEFAULT_FID_BATCH, keep_features: bool = False) -> FIDCollector:
+    """Feed an ``ImageDataset`` through ``extractor`` batch by batch; the filled :class:`FIDCollector`."""
+    collector = FIDCollector(extractor, keep_features=keep_features)
     for batch in image_batches(dataset, batch_size):
         collector.add_uint8(batch)
+    return collector
+
+
+def compute_stats(dataset, extractor, batch_size: int = DEFAULT_FID_BATCH) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mu, sigma, n) of an ``ImageDataset`` in ``extractor``'s feature space, batch by batch."""
+    collector = collect(dataset, extractor, batch_size)
     mu, sigma = collector.finish()
     return mu, sigma, collector.stats.n
 
@@ -136,11 +149,29 @@ def stats_of(item: FIDInput, extractor, batch_size: int = DEFAULT_FID_BATCH) -> 
     return compute_stats(item.dataset, extractor, batch_size)
 
 
-def fid_between(a: FIDInput, b: FIDInput, extractor, batch_size: int = DEFAULT_FID_BATCH) -> dict:
-    """FID of two resolved inputs: {"fid", "n_samples", "n_ref", "feature_dim"} (n None for statistics)."""
-    mu1, s1, n1 = stats_of(a, extractor, batch_size)
-    mu2, s2, n2 = stats_of(b, extractor, batch_size)
-    return {"fid": frechet_distance(mu1, s1, mu2, s2), "n_samples": n1, "n_ref": n2, "feature_dim": int(mu1.shape[0])}
+def fid_between(a: FIDInput, b: FIDInput, extractor, batch_size: int = DEFAULT_FID_BATCH, *,
+                kid: bool = False) -> dict:
+    """FID of two resolved inputs: {"fid", "n_samples", "n_ref", "feature_dim"} (n None for statistics).
+
+    kid: also KID (torch-fidelity's settings, see ``fid_stats.kernel_inception_distance``), which needs
+    both inputs to be images: their features are then kept in memory (N x D float32 each).
+    """
+    if not kid:
+        mu1, s1, n1 = stats_of(a, extractor, batch_size)
+        mu2, s2, n2 = stats_of(b, extractor, batch_size)
+        return {"fid": frechet_distance(mu1, s1, mu2, s2), "n_samples": n1, "n_ref": n2,
+                "feature_dim": int(mu1.shape[0])}
+    if a.stats is not None or b.stats is not None:
+        raise DataError("KID needs images on both sides (it is computed from the features, not from mu and sigma): "
+                        "pass samples.npz files or image folders, or drop --kid")
+    ca, cb = (collect(item.dataset, extractor, batch_size, keep_features=True) for item in (a, b))
+    (mu1, s1), (mu2, s2) = ca.finish(), cb.finish()
+    result = {"fid": frechet_distance(mu1, s1, mu2, s2), "n_samples": ca.stats.n, "n_ref": cb.stats.n,
+              "feature_dim": int(mu1.shape[0])}
+    x, y = torch.cat(ca.features), torch.cat(cb.features)
+    device = getattr(extractor, "device", None)
+    result.update(kernel_inception_distance(x if device is None else x.to(device), y))
+    return result
 
 
 def load_extractor(weights=None, device=None):

@@ -165,9 +165,10 @@ def iter_generate(model, schedule: NoiseSchedule, seeds, *, steps=None, variance
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("no seeds given: pass at least one seed (e.g. --seeds 0-63)")
-    batch_size = batch_size or min(len(seeds), DEFAULT_BATCH_SIZE)
+    batch_size = batch_size or DEFAULT_BATCH_SIZE
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    batch_size = min(batch_size, len(seeds))  # never pad a small request up to a large batch
 
     if not reference:
         from .sampler import FastSampler

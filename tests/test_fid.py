@@ -360,3 +360,51 @@ def test_streamed_samples_npz_equals_savez(tmp_path):
         np.testing.assert_array_equal(z["arr_0"], arr)
     with pytest.raises(RuntimeError, match="wrote 3 of 10"):
         _write_npz_streamed(tmp_path / "t.npz", arr.shape, iter([arr[:3]]))
+
+
+# --------------------------------------------------------------------------------------------------
+# KID
+
+
+def _kid_reference(x, y):
+    """Unbiased MMD^2 with the cubic polynomial kernel, from the definition, in extended precision."""
+    x, y = np.asarray(x, np.longdouble), np.asarray(y, np.longdouble)
+    m, d = x.shape
+
+    def k(a, b):
+        return (a @ b.T / d + 1) ** 3
+
+    off = ~np.eye(m, dtype=bool)
+    return (k(x, x)[off].sum() + k(y, y)[off].sum()) / (m * (m - 1)) - 2 * k(x, y).sum() / (m * m)
+
+
+def test_kid_matches_its_definition_and_orders_sets():
+    from ddpm_fast.fid_stats import kernel_inception_distance
+
+    rng = np.random.default_rng(8)
+    x, y = rng.normal(size=(40, 6)), rng.normal(0.5, 1.0, size=(40, 6))
+    # one subset of all 40: the draw is a permutation, which the statistic does not see
+    got = kernel_inception_distance(x, y, subsets=1, subset_size=40)
+    expected = _kid_reference(x, y)
+    # kernel entries are sums of d products then cubed; the three sums run over m^2 entries
+    bound = 8 * (40 * 40 + 6) * 2.0 ** -53 * float(
+        (np.abs((x @ x.T) / 6 + 1) ** 3).sum() + (np.abs((y @ y.T) / 6 + 1) ** 3).sum()
+        + 2 * (np.abs((x @ y.T) / 6 + 1) ** 3).sum()) / (40 * 39)
+    assert abs(got["kid"] - float(expected)) <= bound
+    assert got["kid_subset_size"] == 40 and got["kid_std"] == 0.0
+    same = kernel_inception_distance(x, rng.normal(size=(40, 6)), subsets=20, subset_size=30)
+    shifted = kernel_inception_distance(x, y, subsets=20, subset_size=30)
+    assert shifted["kid"] > 10 * abs(same["kid"])  # a mean shift of 0.5 stands far above the noise
+    with pytest.raises(DataError, match="NaN"):
+        kernel_inception_distance(x * np.nan, y)
+
+
+def test_fid_command_with_kid(tmp_path, tiny_inception, capsys):
+    _npz(tmp_path / "a.npz", _image_set(30, 0))
+    _npz(tmp_path / "b.npz", _image_set(30, 1, hi=160))
+    assert main(["fid", str(tmp_path / "a.npz"), "--ref", str(tmp_path / "b.npz"), "--kid", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kid"] > 0 and out["kid_subset_size"] == 30 and out["kid_subsets"] == 100
+    save_stats(tmp_path / "s.npz", np.zeros(8), np.eye(8))
+    assert main(["fid", str(tmp_path / "a.npz"), "--ref", str(tmp_path / "s.npz"), "--kid"]) == 2
+    assert "images on both sides" in _error_line(capsys)

@@ -32,7 +32,7 @@ except Exception as exc:  # ImportError, or torchvision's "operator torchvision:
 
 from cli_helpers import error_line as _error_line
 from ddpm_fast.cli import main
-from fid_helpers import stats_bounds
+from fid_helpers import gamma, stats_bounds
 from ddpm_fast.fid_stats import frechet_distance, load_stats
 from ddpm_fast.inception import WEIGHTS_ENV, WEIGHTS_FILE, load_inception, sha256_file
 
@@ -166,3 +166,23 @@ def test_commands_offline_with_a_weights_file_and_the_pytorch_fid_cross_check(we
     assert np.isfinite(expected) and expected > 0
     assert out["fid"] == expected
     assert out["weights_sha256"] == sha256_file(weights) and out["n_samples"] == 5
+
+
+def test_kid_equals_torch_fidelity_on_the_same_features():
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+    from ddpm_fast.fid_stats import kernel_inception_distance
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.rand(50, 16, generator=g, dtype=torch.float64)
+    y = torch.rand(45, 16, generator=g, dtype=torch.float64) * 1.2
+    theirs = kid_features_to_metric(x, y, kid_subsets=10, kid_subset_size=20, verbose=False)
+    ours = kernel_inception_distance(x, y, subsets=10, subset_size=20)
+    # the same subsets (the same RandomState draws) and kernel in float64; only the summation order
+    # differs. A kernel value is at most (16 * 1.2^2 / 16 + 1)^3 < 14.6, and each of the three kernel
+    # means (sums of <= 400 values of 16-term dot products) errs by <= gamma_416 * 14.6, the cross term
+    # counting twice: <= 4 * gamma_416 * 14.6 per side, twice that between the two implementations
+    bound = 2 * 4 * gamma(416) * 14.6
+    assert abs(ours["kid"] - theirs[KEY_METRIC_KID_MEAN]) <= bound
+    assert abs(ours["kid_std"] - theirs[KEY_METRIC_KID_STD]) <= 2 * bound
+    assert theirs[KEY_METRIC_KID_MEAN] > 0
