@@ -21,7 +21,6 @@ Usage: python benchmarks/bench_kernels.py --out benchmarks/results/kernels.json 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -35,6 +34,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ddpm_fast import coefficients, kernels, reference  # noqa: E402
+from ddpm_fast.checkpoint import write_json_atomic  # noqa: E402
 from ddpm_fast.schedule import NoiseSchedule  # noqa: E402
 
 CUDA_SHAPES = [(1, 3, 32, 32), (16, 3, 32, 32), (128, 3, 32, 32), (256, 3, 64, 64), (64, 3, 256, 256),
@@ -144,6 +144,14 @@ def build_cases(shape, dtype, device, schedule, compile_fns):
     return cases
 
 
+def write_report(path: str, report: dict) -> None:
+    """Write the table so far, atomically, with the median kernel/copy ratio over the large rows so far."""
+    large = [r["kernel_vs_copy"] for r in report["results"] if r["elements"] >= 1 << 24]
+    report["median_kernel_vs_copy_large"] = statistics.median(large) if large else None
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_json_atomic(path, report)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results/kernels.json", help="JSON output path")
@@ -178,7 +186,23 @@ def main(argv=None) -> int:
     peak_copy = 2 * big.numel() * 4 / measure(lambda: big_dst.copy_(big)) / 1e9
     del big, big_dst
 
-    results = []
+    label = torch.cuda.get_device_name(device) if on_cuda else f"CPU ({platform.processor() or platform.machine()})"
+    if not on_cuda:
+        label += ", kernels through the Triton interpreter: not a speed measurement"
+    report = {
+        "device": label,
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "dtype": args.dtype,
+        "iters": iters,
+        "compiled_baselines": use_compile,
+        "peak_copy_gbs": round(peak_copy, 2),
+        "bytes_per_element": BYTES_PER_ELEMENT,
+        "complete": False,
+        "results": [],
+    }
+    results = report["results"]
+    write_report(args.out, report)  # a run killed before its first row still leaves the header
     for shape in shapes:
         numel = math.prod(shape)
         cases = build_cases(shape, dtype, device, schedule, use_compile)
@@ -200,27 +224,12 @@ def main(argv=None) -> int:
             if "compiled" in row["impls"]:
                 row["speedup_vs_compiled"] = round(row["impls"]["compiled"]["us"] / k["us"], 2)
             results.append(row)
+            write_report(args.out, report)  # after every row: a killed run keeps what it measured
             others = "  ".join(f"{n} {v['us']:9.1f}us {v['gbs']:7.1f}GB/s" for n, v in row["impls"].items())
             print(f"{case:16s} {str(tuple(shape)):20s} copy {copy_gbs:7.1f}GB/s  {others}", flush=True)
 
-    label = torch.cuda.get_device_name(device) if on_cuda else f"CPU ({platform.processor() or platform.machine()})"
-    if not on_cuda:
-        label += ", kernels through the Triton interpreter: not a speed measurement"
-    report = {
-        "device": label,
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "dtype": args.dtype,
-        "iters": iters,
-        "peak_copy_gbs": round(peak_copy, 2),
-        "bytes_per_element": BYTES_PER_ELEMENT,
-        "median_kernel_vs_copy_large": statistics.median(
-            [r["kernel_vs_copy"] for r in results if r["elements"] >= 1 << 24] or [float("nan")]),
-        "results": results,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    report["complete"] = True
+    write_report(args.out, report)
     print(f"peak copy {peak_copy:.1f} GB/s on {label}; wrote {args.out}")
     return 0
 

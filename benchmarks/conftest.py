@@ -3,7 +3,8 @@
 Not part of the CI run (CI runs ``pytest tests``). The cases are the ones ``ddpm-fast bench`` times, built
 by ``ddpm_fast.bench.make_runner``. Environment overrides (comma lists where plural):
 DDPM_FAST_BENCH_IMPLS, DDPM_FAST_BENCH_BATCH_SIZES, DDPM_FAST_BENCH_STEPS, DDPM_FAST_BENCH_TRAIN_BATCH_SIZES,
-DDPM_FAST_BENCH_ROUNDS, DDPM_FAST_BENCH_MODEL (cifar10 | digits | tiny).
+DDPM_FAST_BENCH_ROUNDS, DDPM_FAST_BENCH_MODEL (cifar10 | digits | tiny), DDPM_FAST_BENCH_FAST_COMPILE_MODE
+(ddpm_fast's torch.compile mode, as ``ddpm-fast bench --fast-compile-mode``; default FastSampler's own).
 """
 
 import os
@@ -35,7 +36,15 @@ SETTINGS = {
     "train_steps": 5 if ON_CUDA else 1,
     "rounds": int(os.environ.get("DDPM_FAST_BENCH_ROUNDS", 5 if ON_CUDA else 2)),
     "model": os.environ.get("DDPM_FAST_BENCH_MODEL", "cifar10"),
+    "fast_compile_mode": os.environ.get("DDPM_FAST_BENCH_FAST_COMPILE_MODE") or None,
 }
+
+
+def pytest_configure(config):
+    """A bad setting is one line from pytest (a usage error), not a traceback from importing this file."""
+    if SETTINGS["fast_compile_mode"] not in (None, *bench.COMPILE_MODES):
+        raise pytest.UsageError(f"DDPM_FAST_BENCH_FAST_COMPILE_MODE={SETTINGS['fast_compile_mode']!r}: choose "
+                                f"from {', '.join(bench.COMPILE_MODES)}")
 
 
 def pytest_generate_tests(metafunc):
@@ -56,7 +65,8 @@ def bench_setup():
     if not ON_CUDA:
         # TRITON_INTERPRET is not needed: on the CPU every case takes its torch path.
         torch.set_num_threads(min(2, torch.get_num_threads()))
-    ctx = bench.BenchContext(device=DEVICE, model_name=SETTINGS["model"])
+    ctx = bench.BenchContext(device=DEVICE, model_name=SETTINGS["model"],
+                             fast_compile_mode=SETTINGS["fast_compile_mode"])
     peak = bench.measure_ceilings(DEVICE)["bf16_matmul_tflops"]
     return {"ctx": ctx, "flops": bench.model_flops(ctx), "peak": peak * 1e12 if peak else None,
             "settings": SETTINGS}

@@ -12,6 +12,7 @@ __all__ = [
     "check_step_inputs",
     "check_timesteps_per_sample",
     "check_variance",
+    "host_to_device",
     "model_device",
     "resolve_timesteps",
     "timesteps_for_batch",
@@ -95,7 +96,18 @@ def check_timesteps_per_sample(t, batch_size: int, num_timesteps: int, device=No
     if lo < 0 or hi >= num_timesteps:
         bad = lo if lo < 0 else hi
         raise ValueError(f"t={bad} is out of range: timestep indices run over 0..{num_timesteps - 1}")
-    return t if device is None else t.to(device)
+    return t if device is None else host_to_device(t, device)
+
+
+def host_to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """x on ``device``. A CPU tensor headed for CUDA is staged in pinned memory and copied with
+    non_blocking=True: a copy from pageable memory makes the host wait for the GPU, which would put a
+    sync in every training step. Any other move is a plain ``x.to(device)``.
+    """
+    device = torch.device(device)
+    if x.device.type != "cpu" or device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def check_variance(variance: str) -> str:

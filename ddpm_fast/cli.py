@@ -8,6 +8,8 @@ line, ``ddpm-fast: error: ...``, and exits with status 2; argparse does the same
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import sys
 
 from .argtypes import nonnegative_int, positive_float, positive_int
@@ -33,7 +35,9 @@ def _add_train(sub) -> None:
     p.add_argument("--preset", default="digits", choices=["digits", "cifar10", "tiny"],
                    help="model size and recipe (default: digits; cifar10 = Ho et al.'s model and recipe)")
     p.add_argument("--steps", type=positive_int, help="total optimizer steps (default: the preset's)")
-    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int,
+                   help="the global batch: under torchrun it is split evenly over the processes (default: "
+                        "the preset's)")
     p.add_argument("--lr", type=positive_float, help="Adam learning rate (cifar10: 2e-4, digits: 1e-3)")
     p.add_argument("--warmup", type=nonnegative_int, help="linear lr warmup steps")
     p.add_argument("--ema-decay", type=float, help="EMA decay (cifar10: 0.9999, digits: 0.999)")
@@ -56,6 +60,7 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
+    from .distributed import env_rank
     from .training import TrainConfig, train
 
     unet = {}
@@ -73,6 +78,14 @@ def _run_train(args) -> int:
                          inception_weights=args.inception_weights,
                          **({"fid_samples": args.fid_samples} if args.fid_samples else {}))
     result = train(config)
+    if env_rank() != 0:  # rank 0 speaks for the job
+        return _stop_status(result.stopped_by) if result.stopped_by else 0
+    if result.stopped_by:
+        again = " (under torchrun as before, at any number of processes)" if result.world_size > 1 else ""
+        print(f"ddpm-fast: stopped by {result.stopped_by} after step {result.step}: checkpoint "
+              f"{result.checkpoint}; continue with: ddpm-fast train --out {shlex.quote(str(result.run_dir))} "
+              f"--resume{again}", file=sys.stderr)
+        return _stop_status(result.stopped_by)
     if result.resumed_from is not None and result.resumed_from >= result.step:
         print(f"{result.run_dir} is already at step {result.step}: pass a larger --steps to train on")
         return 0
@@ -81,6 +94,14 @@ def _run_train(args) -> int:
           f"{result.images_per_second:,.0f} images/s, {result.train_seconds:.1f} s; "
           f"checkpoint {result.checkpoint}")
     return 0
+
+
+def _stop_status(signal_name: str) -> int:
+    """128 + the signal's number, the shell's convention for a process ended by a signal."""
+    try:
+        return 128 + signal.Signals[signal_name].value
+    except KeyError:  # another rank's signal stopped this one
+        return 128 + signal.SIGTERM.value
 
 
 def _add_sample(sub) -> None:
@@ -105,7 +126,9 @@ def _add_sample(sub) -> None:
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
     p.add_argument("--reference", action="store_true",
                    help="sample with the oracle (reference.sample) on the same seed-keyed noise")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available; cuda:LOCAL_RANK "
+                                    "under torchrun)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--fid", metavar="REF",
                    help="also compute FID against REF (a statistics .npz from fid-stats or pytorch-fid, a samples.npz "
                         "or an image folder), features taken batch by batch; printed and written to DIR/fid.json")
@@ -120,23 +143,27 @@ def _add_inception_weights(p) -> None:
 
 
 def _run_sample(args) -> int:
+    from .distributed import env_rank
     from .generate import parse_seeds, sample_to_folder
 
     seeds = parse_seeds(args.seeds)
-    on_batch = fid = None
+    fid, fid_hooks = None, {}
     if args.fid is not None:  # reference and weights first: a bad --fid fails before any sampling
         fid = _fid_setup(args.fid, args.inception_weights, args.device, args.batch_size)
-        on_batch = lambda images, _seeds: fid["collector"].add_float(images)  # noqa: E731
+        fid_hooks = {"on_batch": lambda images, _seeds: fid["collector"].add_float(images),
+                     "after": lambda group: _combine_fid(fid)}
     result = sample_to_folder(args.source, args.out, seeds, steps=args.steps, variance=args.variance,
                               clip_x0=args.clip, reference=args.reference, batch_size=args.batch_size,
                               png_per_image=args.png_per_image, use_ema=args.ema, device=args.device,
-                              on_batch=on_batch)
+                              progress=args.progress, **fid_hooks)
+    if env_rank() != 0:
+        return 0
     s, m = result.settings, result.meta
     step = f" step {m['step']}" if m.get("step") is not None else ""
     print(f"sampled {result.num_images} images from {m['path']}{step} ({m['weights']} weights) with "
           f"{s['sampler']}, {s['steps']} steps, {s['variance']}, clip {'on' if s['clip_x0'] else 'off'}, on "
           f"{s['device']} in {result.seconds:.1f} s")
-    print(f"wrote {result.paths['grid']} and {result.paths['npz']}"
+    print(f"wrote {result.paths['grid']}, {result.paths['npz']} and {result.paths['run']}"
           + (f" and {result.paths['images']}/" if "images" in result.paths else ""))
     if fid is not None:
         _finish_sample_fid(args, fid, result)
@@ -153,27 +180,35 @@ def _fid_setup(ref, weights, device, batch_size) -> dict:
     return {"extractor": extractor, "ref": reference, "collector": FIDCollector(extractor)}
 
 
-def _finish_sample_fid(args, fid: dict, result) -> None:
-    """Combine the features (over all processes under torchrun), print the FID and write DIR/fid.json."""
-    from pathlib import Path
-
+def _combine_fid(fid: dict) -> dict:
+    """On every rank, inside sample_to_folder's process group: sum the feature statistics over the ranks;
+    rank 0 computes the FID. Returns the entries run.json records (empty on the other ranks)."""
     import torch.distributed as dist
 
-    from .checkpoint import write_json_atomic
     from .fid_stats import frechet_distance
 
     collector, ref = fid["collector"], fid["ref"]
     mu, sigma = collector.finish()  # every rank takes part in the all_reduce
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-        return
-    value = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
-    record = {"fid": value, "num_samples": collector.stats.n, "seeds": args.seeds, "ref": ref["path"],
-              "ref_kind": ref["kind"], "ref_num_images": ref["n"], "source": result.meta["path"],
+        return {}
+    return {"fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), "fid_num_samples": collector.stats.n,
+            "fid_ref": ref["path"], "fid_weights_sha256": fid["extractor"].info["weights_sha256"]}
+
+
+def _finish_sample_fid(args, fid: dict, result) -> None:
+    """Rank 0: print the FID and write DIR/fid.json (FID, seeds, steps, solver settings, weights' hash, times)."""
+    from pathlib import Path
+
+    from .checkpoint import write_json_atomic
+
+    ref, value = fid["ref"], result.extra["fid"]
+    record = {"fid": value, "num_samples": result.extra["fid_num_samples"], "seeds": args.seeds,
+              "ref": ref["path"], "ref_kind": ref["kind"], "ref_num_images": ref["n"], "source": result.meta["path"],
               "weights": result.meta["weights"], "checkpoint_step": result.meta.get("step"), **result.settings,
               "sample_seconds": result.seconds, "feature_seconds": result.hook_seconds,
               **{f"inception_{k}" if k != "feature_extractor" else k: v for k, v in fid["extractor"].info.items()}}
     path = write_json_atomic(Path(args.out) / "fid.json", record)
-    print(f"FID {value:.4f} ({collector.stats.n} samples vs {ref['path']}; sampling {result.seconds:.1f} s, "
+    print(f"FID {value:.4f} ({record['num_samples']} samples vs {ref['path']}; sampling {result.seconds:.1f} s, "
           f"features {result.hook_seconds:.1f} s); wrote {path}")
 
 
@@ -332,6 +367,15 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return EXIT_INTERRUPTED
     first_line = message.strip().splitlines()[0] if message.strip() else "failed"
+    from .distributed import env_rank, env_world_size, group_was_started
+
+    rank = env_rank()
+    if rank != 0 and env_world_size() > 1:
+        if not group_was_started():
+            # raised before the ranks met: a function of the command line and the files, so every rank
+            # raised the same error and rank 0 has printed it
+            return EXIT_USAGE
+        first_line = f"rank {rank}: {first_line}"
     print(f"ddpm-fast: error: {first_line}", file=sys.stderr)
     return EXIT_USAGE
 

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checks import host_to_device
 from .errors import DataError
 
 __all__ = [
@@ -240,7 +241,7 @@ class BatchStream:
         if self.position == self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
         if self.device is not None:
-            batch = batch.to(self.device, non_blocking=True)
+            batch = host_to_device(batch, self.device)
         return batch
 
     def state_dict(self) -> dict:

@@ -52,9 +52,10 @@ def run_demo(out_dir="ddpm_demo", *, steps: int | None = None, num_samples: int 
     default: compiling costs more than it saves on this small model). echo: where the report lines go.
     """
     from .data import save_grid, to_uint8_nhwc
+    from .distributed import resolve_device
     from .generate import generate, load_model_source, write_samples
     from .quality import digits_quality_report, format_quality_report
-    from .training import TrainConfig, resolve_device, train
+    from .training import TrainConfig, train
 
     start = time.perf_counter()
     out_dir = Path(out_dir)

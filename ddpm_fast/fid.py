@@ -192,19 +192,22 @@ def sample_fid(model, schedule, ref: dict, extractor, seeds, *, steps=None, vari
                clip_x0: bool = True, batch_size: int | None = None, device=None,
                sampler_options: dict | None = None) -> dict:
     """FID of one sample per seed against ``ref`` (from :func:`reference_stats`), features taken batch by
-    batch as images come off the sampler (the images are dropped after their batch).
+    batch as images come off the sampler (each batch is dropped after its features). Under an initialized
+    process group every rank must call it: the seeds are dealt to the ranks and the sums combined.
 
     Returns {"fid", "n_samples", "sample_seconds", "feature_seconds"}.
     """
     import time
 
-    from .generate import iter_generate
+    from .distributed import current_group
+    from .generate import _generate_dealt
 
     collector = FIDCollector(extractor)
     start = time.perf_counter()
-    for _, images in iter_generate(model, schedule, seeds, steps=steps, variance=variance, clip_x0=clip_x0,
-                                   batch_size=batch_size, device=device, sampler_options=sampler_options):
-        collector.add_float(images)
+    _generate_dealt(model, schedule, [int(s) for s in seeds], batch_size=batch_size, group=current_group(),
+                    progress=False, on_batch=lambda images, _seeds: collector.add_float(images), keep=False,
+                    steps=steps, variance=variance, clip_x0=clip_x0, reference=False, device=device,
+                    sampler_options=sampler_options)
     total = time.perf_counter() - start
     mu, sigma = collector.finish()
     return {"fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), "n_samples": collector.stats.n,

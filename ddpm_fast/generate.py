@@ -9,13 +9,18 @@
 3. :func:`write_samples` - float images in [-1, 1] become ``grid.png``, ``samples.npz`` (guided-diffusion's
    format: ``arr_0``, uint8, NHWC) and optionally one PNG per image.
 
-:func:`sample_to_folder` runs all three; it is what ``ddpm-fast sample`` calls.
+:func:`sample_to_folder` runs all three and records how in ``run.json``; it is what ``ddpm-fast sample``
+calls. Under torchrun (or any initialized process group) the seed batches are dealt to the ranks as EDM's
+generate.py deals them (:func:`ddpm_fast.distributed.deal`); since image i depends on seed i alone, the
+images are those of a single process.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +28,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import EMA_FILE, MODEL_FILE, atomic_write, build_model, load_checkpoint, read_json
+from .checkpoint import (EMA_FILE, MODEL_FILE, atomic_write, build_model, load_checkpoint, read_json,
+                         write_json_atomic)
 from .checks import model_device
+from .distributed import Group, current_group, deal, process_group
 from .errors import CheckpointError
 from .sampler import DEFAULT_BATCH_SIZE, SEED_LIMIT
 from .schedule import NoiseSchedule
 
-__all__ = ["parse_seeds", "load_model_source", "iter_generate", "generate", "write_samples", "sample_to_folder", "SampleResult"]
+__all__ = ["parse_seeds", "format_seeds", "load_model_source", "generate", "write_samples", "sample_to_folder",
+           "SampleResult", "RUN_FILE"]
+
+RUN_FILE = "run.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,6 +71,19 @@ def parse_seeds(text: str) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {text!r} names a seed twice: each image needs its own seed")
     return seeds
+
+
+def format_seeds(seeds) -> str:
+    """The inverse of :func:`parse_seeds`: [0, 1, 2, 3, 10] -> '0-3,10' (runs of consecutive seeds)."""
+    parts, seeds = [], [int(s) for s in seeds]
+    i = 0
+    while i < len(seeds):
+        j = i
+        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
+            j += 1
+        parts.append(str(seeds[i]) if i == j else f"{seeds[i]}-{seeds[j]}")
+        i = j + 1
+    return ",".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,62 +176,10 @@ def load_model_source(source, *, use_ema: bool = True, device=None):
 # 2. seeds -> images
 
 
-def iter_generate(model, schedule: NoiseSchedule, seeds, *, steps=None, variance: str = "fixed_large",
-                  clip_x0: bool = True, reference: bool = False, batch_size: int | None = None,
-                  device=None, sampler_options: dict | None = None):
-    """Sample one image per seed, one batch at a time: yields ``(batch_seeds, images)`` in seed order,
-    images float32 (B, C, H, W) on the CPU in [-1, 1], B <= batch_size (only the last batch is shorter).
-
-    The hook for anything that consumes images as they come off the sampler (FID features, streamed
-    files): only one batch is alive at a time. Arguments as :func:`generate`.
-    """
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise ValueError("no seeds given: pass at least one seed (e.g. --seeds 0-63)")
-    batch_size = batch_size or DEFAULT_BATCH_SIZE
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    batch_size = min(batch_size, len(seeds))  # never pad a small request up to a large batch
-
-    if not reference:
-        from .sampler import FastSampler
-
-        sampler = FastSampler(model, schedule, timesteps=steps, variance=variance, clip_x0=clip_x0, device=device,
-                              **(sampler_options or {}))
-        for start in range(0, len(seeds), batch_size):
-            chunk = seeds[start:start + batch_size]
-            # pad a short last batch with its last seed (images are independent): one batch shape, so the
-            # sampler keeps its compiled graph and CUDA-graph capture; the padded rows are dropped
-            padded = chunk + chunk[-1:] * (batch_size - len(chunk))
-            images = sampler.sample(seeds=padded, batch_size=batch_size)[:len(chunk)]
-            yield chunk, images.float().cpu()
-        return
-
-    from . import ops
-    from . import reference as oracle
-
-    device = torch.device(device) if device is not None else model_device(model)
-    image_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
-    was_training = model.training
-    model.eval()  # dropout off; restored below
-    try:
-        for start in range(0, len(seeds), batch_size):
-            chunk = seeds[start:start + batch_size]
-
-            def noise_fn(noise_step: int, shape, chunk=chunk):
-                # x_T uses noise step T, the z added after visiting t uses noise step t
-                return ops.seeded_noise(chunk, noise_step, shape[1:], device=device)
-
-            x = oracle.sample(model, schedule, (len(chunk), *image_shape), variance=variance, clip_x0=clip_x0,
-                              timesteps=steps, device=device, noise_fn=noise_fn)
-            yield chunk, x.clamp(-1.0, 1.0).float().cpu()
-    finally:
-        model.train(was_training)
-
-
 def generate(model, schedule: NoiseSchedule, seeds, *, steps=None, variance: str = "fixed_large",
              clip_x0: bool = True, reference: bool = False, batch_size: int | None = None,
-             device=None, sampler_options: dict | None = None) -> torch.Tensor:
+             device=None, sampler_options: dict | None = None, group: Group | None = None,
+             progress: bool = False) -> torch.Tensor:
     """Sample one image per seed: float32 (N, C, H, W) on the CPU, in [-1, 1].
 
     model: a ddpm_fast UNet (or any eps model with ``config.sample_size/in_channels``). seeds: N ints in
@@ -217,11 +188,115 @@ def generate(model, schedule: NoiseSchedule, seeds, *, steps=None, variance: str
     (Ho's and diffusers' default). reference: use the oracle ``reference.sample`` instead of FastSampler.
     batch_size: images per batch (default: all, at most DEFAULT_BATCH_SIZE = 256); the result does not depend on it.
     sampler_options: extra FastSampler arguments (e.g. ``{"compile": False}``).
+    group: the process group (default: torch.distributed's if one is initialized, else one process).
+    With N > 1 ranks every rank must call this with the same arguments: the seed batches are dealt to
+    the ranks, each samples its own on its device, and every rank returns all N images in seed order.
+    progress: a progress bar of images done across all ranks (rank 0 draws it).
     """
-    batches = iter_generate(model, schedule, seeds, steps=steps, variance=variance, clip_x0=clip_x0,
-                            reference=reference, batch_size=batch_size, device=device,
-                            sampler_options=sampler_options)
-    return torch.cat([images for _, images in batches])
+    seeds = [int(s) for s in seeds]
+    group = group if group is not None else current_group()
+    if group.world_size == 1 and not progress:  # one process: the whole list in one call, as always
+        return _image_sampler(model, schedule, seeds, steps=steps, variance=variance, clip_x0=clip_x0,
+                              reference=reference, batch_size=batch_size, device=device,
+                              sampler_options=sampler_options)(seeds)
+    positions, images = _generate_dealt(model, schedule, seeds, steps=steps, variance=variance, clip_x0=clip_x0,
+                                        reference=reference, batch_size=batch_size, device=device,
+                                        sampler_options=sampler_options, group=group, progress=progress)
+    return _in_seed_order(group, images, positions, len(seeds), to_all=True)
+
+
+def _image_sampler(model, schedule, seeds, *, steps, variance, clip_x0, reference, batch_size, device,
+                   sampler_options=None):
+    """Check the arguments once and return ``sample(seeds) -> float32 (n, C, H, W) CPU images``, built
+    once (FastSampler compiles and captures once) for every batch that follows."""
+    if not seeds:
+        raise ValueError("no seeds given: pass at least one seed (e.g. --seeds 0-63)")
+    batch_size = batch_size or min(len(seeds), DEFAULT_BATCH_SIZE)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+
+    if not reference:
+        from .sampler import FastSampler
+
+        sampler = FastSampler(model, schedule, timesteps=steps, variance=variance, clip_x0=clip_x0, device=device,
+                              **(sampler_options or {}))
+        return lambda chunk: sampler.sample(seeds=chunk, batch_size=batch_size).float().cpu()
+
+    from . import ops
+    from . import reference as oracle
+
+    device = torch.device(device) if device is not None else model_device(model)
+    image_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+
+    def sample(chunk_seeds):
+        was_training = model.training
+        model.eval()  # dropout off; restored below
+        out = []
+        try:
+            for start in range(0, len(chunk_seeds), batch_size):
+                chunk = chunk_seeds[start:start + batch_size]
+
+                def noise_fn(noise_step: int, shape, chunk=chunk):
+                    # x_T uses noise step T, the z added after visiting t uses noise step t
+                    return ops.seeded_noise(chunk, noise_step, shape[1:], device=device)
+
+                x = oracle.sample(model, schedule, (len(chunk), *image_shape), variance=variance,
+                                  clip_x0=clip_x0, timesteps=steps, device=device, noise_fn=noise_fn)
+                out.append(x.clamp(-1.0, 1.0).float().cpu())
+        finally:
+            model.train(was_training)
+        return torch.cat(out)
+
+    return sample
+
+
+def _generate_dealt(model, schedule, seeds, *, batch_size, group: Group, progress: bool, on_batch=None,
+                    keep: bool = True, **options):
+    """This rank's share of the seeds: (positions in ``seeds``, float32 (n, C, H, W) CPU images).
+
+    Every rank loops over the same number of batches (:func:`deal`), so the per-batch count of images
+    done (one small host-side all_reduce, for the progress bar) keeps the ranks in step.
+    on_batch: ``f(images, batch_seeds)`` called on each of this rank's batches as it comes off the
+    sampler (the hook FID features are taken from). keep: False drops each batch after ``on_batch``
+    (the images returned are then empty): memory holds one batch whatever the number of seeds.
+    """
+    from tqdm.auto import tqdm
+
+    sample = _image_sampler(model, schedule, seeds, batch_size=batch_size, **options)
+    batch_size = batch_size or min(len(seeds), DEFAULT_BATCH_SIZE)
+    batches = deal(len(seeds), batch_size, group.world_size, group.rank)
+    bar = tqdm(total=len(seeds), desc="sample", unit="img", disable=not (progress and group.is_main),
+               dynamic_ncols=True)
+    out, positions = [], []
+    try:
+        for batch in batches:
+            if len(batch):
+                chunk = [seeds[i] for i in batch]
+                images = sample(chunk)
+                if on_batch is not None:
+                    on_batch(images, chunk)
+                if keep:
+                    out.append(images)
+                    positions.extend(batch)
+            bar.update(group.sum_int(len(batch)))
+    finally:
+        bar.close()
+    if not out:  # fewer seeds than ranks: this rank had nothing to do
+        c, size = model.config.in_channels, model.config.sample_size
+        return positions, torch.zeros((0, c, size, size))
+    return positions, torch.cat(out)
+
+
+def _in_seed_order(group: Group, rows: torch.Tensor, positions: list[int], total: int, *, to_all: bool):
+    """Gather every rank's rows and put row k of the result at position k: (total, ...) CPU tensor on
+    rank 0 (every rank with ``to_all``), None on the other ranks."""
+    every_position = group.all_objects(positions)
+    gathered = group.gather_rows(rows, [len(p) for p in every_position], to_all=to_all)
+    if gathered is None:
+        return None
+    out = torch.empty((total, *gathered.shape[1:]), dtype=gathered.dtype)
+    out[torch.tensor([p for ps in every_position for p in ps], dtype=torch.int64)] = gathered
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,11 +312,24 @@ def write_samples(images: torch.Tensor, out_dir, *, seeds=None, png_per_image: b
     grid_scale: nearest-neighbour upscaling of the grid (default: to about 32 pixels per image).
     Returns the paths written, by name ("grid", "npz", "images").
     """
-    from .data import save_grid, save_pngs, to_uint8_nhwc
+    from .data import to_uint8_nhwc
+
+    # (N, H, W, C) uint8, the same rounding as DDPMPipeline
+    return _write_pixels(to_uint8_nhwc(images), out_dir, seeds=seeds, png_per_image=png_per_image,
+                         grid_scale=grid_scale)
+
+
+def _png_names(seeds) -> list[str]:
+    return [f"seed{s:06d}" for s in seeds]
+
+
+def _write_pixels(pixels: np.ndarray, out_dir, *, seeds=None, png_per_image: bool = False,
+                  grid_scale: int | None = None) -> dict[str, Path]:
+    """:func:`write_samples` for images already in uint8 (N, H, W, C)."""
+    from .data import save_grid, save_pngs
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pixels = to_uint8_nhwc(images)  # (N, H, W, C) uint8, the same rounding as DDPMPipeline
 
     def write_npz(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
@@ -251,42 +339,17 @@ def write_samples(images: torch.Tensor, out_dir, *, seeds=None, png_per_image: b
     scale = grid_scale or max(1, 32 // pixels.shape[1])
     paths["grid"] = save_grid(pixels, out_dir / "grid.png", scale=scale)
     if png_per_image:
-        names = [f"seed{s:06d}" for s in seeds] if seeds is not None else None
+        names = _png_names(seeds) if seeds is not None else None
         save_pngs(pixels, out_dir / "images", names=names)
         paths["images"] = out_dir / "images"
     return paths
 
 
-GRID_MAX = 1024  # grid.png shows at most the first 1024 images (32 x 32); samples.npz holds them all
-
-
-def _write_npz_streamed(tmp: Path, shape: tuple[int, ...], blocks) -> None:
-    """Write ``arr_0`` of ``shape`` (uint8) into the .npz ``tmp`` from an iterator of row blocks, as
-    np.savez lays it out (an uncompressed zip holding arr_0.npy), without the whole array in memory."""
-    import zipfile
-
-    rows = 0
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open("arr_0.npy", "w", force_zip64=True) as member:
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                      "shape": tuple(int(d) for d in shape)}
-            np.lib.format.write_array_header_2_0(member, header)
-            for block in blocks:
-                if block.dtype != np.uint8 or block.shape[1:] != tuple(shape[1:]):
-                    raise ValueError(f"block {block.dtype} {block.shape} does not fit arr_0 {shape}")
-                member.write(np.ascontiguousarray(block).tobytes())
-                rows += block.shape[0]
-    if rows != shape[0]:  # the header promised shape[0] rows: a short file must never be renamed into place
-        raise RuntimeError(f"wrote {rows} of {shape[0]} images to {tmp}")
-
-
 @dataclass
 class SampleResult:
-    """What :func:`sample_to_folder` did: files written, the settings used and how long it took.
-
-    seconds: sampling alone; hook_seconds: time spent in ``on_batch`` (e.g. FID features);
-    write_seconds: converting and writing the files.
-    """
+    """What :func:`sample_to_folder` did: files written, the settings used and how long it took
+    (``seconds``: sampling; ``hook_seconds``: in ``on_batch``, e.g. FID features; ``extra``: what ``after``
+    returned)."""
 
     paths: dict
     num_images: int
@@ -294,64 +357,100 @@ class SampleResult:
     settings: dict
     seconds: float
     hook_seconds: float = 0.0
-    write_seconds: float = 0.0
+    extra: dict | None = None
 
 
 def sample_to_folder(source, out_dir, seeds, *, steps=None, variance: str | None = None,
                      clip_x0: bool | None = None, reference: bool = False, batch_size: int | None = None,
                      png_per_image: bool = False, use_ema: bool = True, device=None,
-                     on_batch=None) -> SampleResult:
-    """Load ``source``, sample one image per seed and write them to ``out_dir`` (see the module docstring).
+                     progress: bool = False, on_batch=None, after=None) -> SampleResult:
+    """Load ``source``, sample one image per seed and write them to ``out_dir`` (see the module docstring),
+    with ``out_dir/run.json`` saying what made them.
 
     variance / clip_x0: None takes the source's defaults (fixed_large with clipping for ddpm-fast runs;
-    a diffusers pipeline's scheduler settings). device: None = CUDA when available.
-    on_batch: optional ``f(images, seeds)`` called on each batch as it comes off the sampler (float32
-    (B, C, H, W) CPU images in [-1, 1], the batch's seeds), e.g. FID features.
-    Images are written batch by batch (samples.npz is streamed, grid.png keeps the first GRID_MAX), so
-    memory holds one batch whatever the number of seeds.
+    a diffusers pipeline's scheduler settings). device: None = CUDA when available (``cuda:LOCAL_RANK``
+    under torchrun). Under torchrun every rank samples its dealt share of the seeds; rank 0 writes
+    samples.npz (seed order), grid.png and run.json, and with ``png_per_image`` each rank writes the
+    PNGs of its own seeds. progress: a bar of images done across all ranks.
+    on_batch: ``f(images, batch_seeds)`` called on every rank for each of its batches as they come off
+    the sampler (float32 (B, C, H, W) CPU images in [-1, 1]), e.g. FID features.
+    after: ``f(group) -> dict`` called on every rank after sampling, inside the process group (so it can
+    combine what on_batch gathered across ranks); rank 0's dict goes into run.json and SampleResult.extra.
     """
-    from .data import save_grid, save_pngs, to_uint8_nhwc
-    from .training import resolve_device
-
-    device = resolve_device(device)
-    model, schedule, meta = load_model_source(source, use_ema=use_ema, device=device)
-    settings = {"steps": steps if steps is not None else schedule.num_timesteps,
-                "variance": variance or meta["variance"],
-                "clip_x0": meta["clip_x0"] if clip_x0 is None else bool(clip_x0),
-                "sampler": "reference" if reference else "FastSampler", "device": str(device)}
-    seeds = [int(s) for s in seeds]
-    c, size = model.config.in_channels, model.config.sample_size
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    batches = iter_generate(model, schedule, seeds, steps=steps, variance=settings["variance"],
-                            clip_x0=settings["clip_x0"], reference=reference, batch_size=batch_size, device=device)
-    timing = {"hook": 0.0, "write": 0.0}
-    grid: list[np.ndarray] = []
-    paths: dict[str, Path] = {}
-
-    def pixel_blocks():
-        for chunk, images in batches:
-            if on_batch is not None:
+    with process_group(device) as group:
+        start = time.perf_counter()
+        device = group.device
+        model, schedule, meta = load_model_source(source, use_ema=use_ema, device=device)
+        settings = {"steps": steps if steps is not None else schedule.num_timesteps,
+                    "variance": variance or meta["variance"],
+                    "clip_x0": meta["clip_x0"] if clip_x0 is None else bool(clip_x0),
+                    "sampler": "reference" if reference else "FastSampler", "device": str(device)}
+        options = dict(steps=steps, variance=settings["variance"], clip_x0=settings["clip_x0"],
+                       reference=reference, batch_size=batch_size, device=device)
+        seeds = [int(s) for s in seeds]
+        hook = {"seconds": 0.0}
+        if on_batch is not None:
+            def timed(images, chunk, inner=on_batch):
                 t0 = time.perf_counter()
-                on_batch(images, chunk)
-                timing["hook"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            pixels = to_uint8_nhwc(images)  # (B, H, W, C) uint8, the same rounding as DDPMPipeline
-            if sum(len(g) for g in grid) < GRID_MAX:
-                grid.append(pixels[:GRID_MAX - sum(len(g) for g in grid)])
-            if png_per_image:
-                save_pngs(pixels, out_dir / "images", names=[f"seed{s:06d}" for s in chunk])
-            timing["write"] += time.perf_counter() - t0
-            yield pixels
+                inner(images, chunk)
+                hook["seconds"] += time.perf_counter() - t0
 
-    start = time.perf_counter()
-    paths["npz"] = atomic_write(out_dir / "samples.npz",
-                                lambda tmp: _write_npz_streamed(tmp, (len(seeds), size, size, c), pixel_blocks()))
-    seconds = time.perf_counter() - start - timing["hook"] - timing["write"]
-    t0 = time.perf_counter()
-    first = np.concatenate(grid)
-    paths["grid"] = save_grid(first, out_dir / "grid.png", scale=max(1, 32 // first.shape[1]))
+            options["on_batch"] = timed
+        if group.world_size == 1 and not progress and on_batch is None:
+            images = generate(model, schedule, seeds, group=group, **options)
+            seconds = time.perf_counter() - start
+            paths = write_samples(images, out_dir, seeds=seeds, png_per_image=png_per_image)
+        else:
+            paths, seconds = _sample_dealt_to_folder(model, schedule, seeds, out_dir, group=group,
+                                                     png_per_image=png_per_image, progress=progress,
+                                                     start=start, **options)
+        extra = after(group) if after is not None else None
+        if group.is_main:
+            paths["run"] = write_run_record(out_dir, source=source, meta=meta, settings=settings, seeds=seeds,
+                                            batch_size=batch_size, world_size=group.world_size,
+                                            backend=group.backend, seconds=time.perf_counter() - start, extra=extra)
+        group.barrier()  # no rank leaves before the folder is complete
+        return SampleResult(paths, len(seeds), meta, settings, seconds - hook["seconds"], hook["seconds"], extra)
+
+
+def _sample_dealt_to_folder(model, schedule, seeds, out_dir, *, group: Group, png_per_image: bool,
+                            progress: bool, start: float, **options) -> tuple[dict, float]:
+    """Each rank samples its share and writes its own PNGs; rank 0 gathers the uint8 images (a quarter
+    of the floats' bytes) and writes samples.npz and grid.png. Returns (paths, sampling seconds)."""
+    from .data import save_pngs, to_uint8_nhwc
+
+    positions, images = _generate_dealt(model, schedule, seeds, group=group, progress=progress, **options)
+    pixels = torch.from_numpy(to_uint8_nhwc(images))
+    paths = {}
     if png_per_image:
-        paths["images"] = out_dir / "images"
-    timing["write"] += time.perf_counter() - t0
-    return SampleResult(paths, len(seeds), meta, settings, seconds, timing["hook"], timing["write"])
+        save_pngs(pixels.numpy(), Path(out_dir) / "images", names=_png_names([seeds[i] for i in positions]))
+        paths["images"] = Path(out_dir) / "images"
+    everything = _in_seed_order(group, pixels, positions, len(seeds), to_all=False)
+    seconds = time.perf_counter() - start
+    if group.is_main:
+        paths.update(_write_pixels(everything.numpy(), out_dir))
+    return paths, seconds
+
+
+def write_run_record(out_dir, *, source, meta: dict, settings: dict, seeds, batch_size, world_size: int,
+                     backend: str | None, seconds: float, extra: dict | None = None) -> Path:
+    """Write ``out_dir/run.json`` (atomically): what made this folder of samples, so it can be made again.
+
+    Holds the source (as given and as resolved), checkpoint step, EMA or raw weights, the seeds (as a
+    --seeds string), the sampling settings (steps, variance, clip_x0, sampler, device and whatever else
+    ``settings`` carries), batch size, world size and backend, software versions and the wall time.
+    extra: more JSON-able entries (e.g. a quality figure computed from the samples) merged in last.
+    """
+    from . import __version__
+
+    record = {
+        "source": str(source), "model": {k: meta.get(k) for k in ("kind", "path", "step", "weights")},
+        "checkpoint_step": meta.get("step"), "ema": meta.get("weights") == "ema",
+        "seeds": format_seeds(seeds), "num_images": len(seeds), "sampling": dict(settings),
+        "batch_size": batch_size, "world_size": world_size, "backend": backend,
+        "versions": {"ddpm_fast": __version__, "torch": torch.__version__, "python": platform.python_version(),
+                     "cuda": torch.version.cuda},
+        "command": sys.argv, "wall_seconds": seconds, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
+    }
+    return write_json_atomic(Path(out_dir) / RUN_FILE, record)

@@ -24,7 +24,7 @@ import torch
 
 from . import reference
 from .checks import (check_eta, check_image_batch, check_like, check_step_inputs, check_timesteps_per_sample,
-                     check_variance)
+                     check_variance, host_to_device)
 from .coefficients import reverse_table
 from .philox import seeded_normal
 from .schedule import NoiseSchedule
@@ -248,7 +248,7 @@ def _seed_tensor(seeds, batch: int | None, device) -> torch.Tensor:
         raise ValueError(f"seeds must have one entry per image ({batch}), got {values.shape[0]}")
     if int(values.min()) < 0 or int(values.max()) >= 2**32:
         raise ValueError("seeds must lie in [0, 2**32)")
-    return values.to(device).contiguous()
+    return host_to_device(values.contiguous(), device)
 
 
 def _step_tensor(step, batch: int, device) -> torch.Tensor:
@@ -263,7 +263,7 @@ def _step_tensor(step, batch: int, device) -> torch.Tensor:
         values = torch.tensor([_as_int(step, "step")], dtype=torch.int64)
     if int(values.min()) < 0 or int(values.max()) >= 2**32:
         raise ValueError("step must lie in [0, 2**32)")
-    return values.to(device).contiguous()
+    return host_to_device(values.contiguous(), device)
 
 
 def _as_int(value, name: str) -> int:

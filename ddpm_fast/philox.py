@@ -50,6 +50,7 @@ def randint4x(seed: torch.Tensor, step: torch.Tensor, offset: torch.Tensor):
     """Triton's ``randint4x((step << 32) | seed, offset)`` for int64 tensors of uint32 values (broadcast)."""
     offset = offset.to(torch.int64) & MASK32
     zero = torch.zeros_like(offset)
+    # a tensor already on offset's device passes through as_tensor without a copy (graph-safe)
     seed = torch.as_tensor(seed, dtype=torch.int64, device=offset.device) & MASK32
     step = torch.as_tensor(step, dtype=torch.int64, device=offset.device) & MASK32
     return philox4x32(offset, zero, zero, zero, seed, step)
@@ -58,20 +59,21 @@ def randint4x(seed: torch.Tensor, step: torch.Tensor, offset: torch.Tensor):
 def uniform_from_uint32(x: torch.Tensor) -> torch.Tensor:
     """Triton's ``uint_to_uniform_float`` for uint32 words in int64: float32 in [0, 1)."""
     folded = torch.where(x >= 2**31, MASK32 - x, x)  # int32 bitcast, then ~x for negatives
-    return folded.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=x.device)
+    return folded.to(torch.float32) * UNIFORM_SCALE
 
 
 def randn(seed, step, offset: torch.Tensor) -> torch.Tensor:
-    """float32 N(0, 1) values equal to the kernels' ``philox_randn(seed, step, offset)`` (Box-Muller)."""
+    """float32 N(0, 1) values equal to the kernels' ``philox_randn(seed, step, offset)`` (Box-Muller).
+
+    The constants are Python scalars, not tensors: a float32 tensor op rounds a scalar operand to
+    float32, as the kernel rounds its literals, and no host-to-device copy is made, so the function can
+    be captured in a CUDA graph (the sampler's ``fused_update=False`` path).
+    """
     i1, i2, _, _ = randint4x(seed, step, offset)
-
-    def f32(value: float) -> torch.Tensor:  # constants rounded to float32 as the kernel rounds them
-        return torch.tensor(value, dtype=torch.float32, device=i1.device)
-
-    u1 = torch.maximum(uniform_from_uint32(i1), f32(1.0e-7))
+    u1 = uniform_from_uint32(i1).clamp_min(1.0e-7)
     u2 = uniform_from_uint32(i2)
-    th = f32(6.283185307179586) * u2
-    r = torch.sqrt(f32(-2.0) * torch.log(u1))
+    th = u2 * 6.283185307179586
+    r = torch.sqrt(torch.log(u1) * -2.0)
     return r * torch.cos(th)
 
 

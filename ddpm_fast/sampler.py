@@ -102,7 +102,11 @@ class FastSampler:
         the update math stay float32.
     channels_last: run the model and keep x in channels-last memory format (tensor cores like NHWC).
     compile: None = torch.compile on CUDA only; True/False forces it; a string picks the mode. On CUDA
-        the default mode is "max-autotune-no-cudagraphs" (the sampler captures graphs itself).
+        the default mode is "max-autotune-no-cudagraphs" (the sampler captures graphs itself). Inductor's
+        own CUDA graphs cannot nest inside the sampler's capture, so with cuda_graph on "max-autotune"
+        runs as its "max-autotune-no-cudagraphs" twin (``settings["compile"]`` says so) and
+        "reduce-overhead" (default + inductor's graphs, no twin) is refused with a ValueError; with
+        cuda_graph=False every mode runs as asked.
     cuda_graph: capture the step as a CUDA graph and replay it (CUDA only).
     steps_per_graph: how many steps one graph holds (fewer replays, bigger graphs).
     fused_update: the Triton reverse-update kernel with in-kernel noise (CUDA; on the CPU only under
@@ -155,7 +159,7 @@ class FastSampler:
         self.cuda_graph = bool(cuda_graph) and on_cuda
         self.steps_per_graph = steps_per_graph
         self.update_backend = _update_backend(self.device, fused_update)
-        self.compile_mode = _compile_mode(compile, on_cuda)
+        self.compile_mode = _compile_mode(compile, on_cuda, self.cuda_graph)
 
         self.model = self._prepare_model(model, embedding_table)
         self._predict_eps = self._eps_function()
@@ -356,6 +360,12 @@ class FastSampler:
 
     def _capture(self, run: _Run, steps: int):
         """Capture ``steps`` steps as one CUDA graph (after warm-up), or fall back to eager steps."""
+        # the sampler's device, whatever the caller's current device is: torch.cuda.graph makes its
+        # capture stream (and the pool handle its memory) on the current device
+        with torch.cuda.device(self.device):
+            return self._capture_on_device(run, steps)
+
+    def _capture_on_device(self, run: _Run, steps: int):
         # warm-up and capture must leave the sample where it was (x_T is already in place)
         saved_x, saved_counter = run.x.clone(), run.counter.clone()
         if run.pool is None:
@@ -371,7 +381,7 @@ class FastSampler:
             run.counter.copy_(saved_counter)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=run.pool):
+            with torch.cuda.graph(graph, pool=run.pool, stream=torch.cuda.Stream(self.device)):
                 for _ in range(steps):
                     self._step(run)
         except Exception as err:  # never silently wrong: warn and replay the same step eagerly
@@ -423,12 +433,23 @@ def _update_backend(device: torch.device, fused_update: bool) -> str:
     return ops.resolve_backend("auto", torch.empty(0, device=device))
 
 
-def _compile_mode(compile, on_cuda: bool) -> str | None:
-    """The torch.compile mode, or None for eager."""
+# torch.compile modes that turn on inductor's own CUDA graphs, and their twin without them (if any)
+_INDUCTOR_GRAPH_MODES = {"max-autotune": "max-autotune-no-cudagraphs", "reduce-overhead": None}
+
+
+def _compile_mode(compile, on_cuda: bool, cuda_graph: bool) -> str | None:
+    """The torch.compile mode, or None for eager (see FastSampler's ``compile``)."""
     if compile is None:
         compile = on_cuda
     if isinstance(compile, str):
-        return compile
+        if not (cuda_graph and compile in _INDUCTOR_GRAPH_MODES):
+            return compile
+        twin = _INDUCTOR_GRAPH_MODES[compile]
+        if twin is None:  # inductor's graph would be captured inside ours: replays would read stale inputs
+            raise ValueError(f"compile mode {compile!r} captures inductor's own CUDA graphs, which cannot run inside "
+                             "the sampler's graph: use compile='default' or 'max-autotune-no-cudagraphs' (or "
+                             "cuda_graph=False to let inductor capture instead)")
+        return twin
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be None, a bool or a torch.compile mode string, got {compile!r}")
     if not compile:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .checks import host_to_device
 from .checkpoint import (
     EMA_FILE,
     MODEL_FILE,
@@ -47,7 +48,9 @@ from .checkpoint import (
     save_checkpoint,
     write_json_atomic,
 )
+from .distributed import Group, collective_errors, planned_world_size, process_group, resolve_device
 from .errors import CheckpointError, DDPMFastError
+from .preemption import StopSignals
 from .schedule import NoiseSchedule
 
 __all__ = ["TrainConfig", "RunResult", "Trainer", "train", "PRESETS", "unet_config_for", "resolve_device"]
@@ -70,21 +73,6 @@ PRESETS: dict[str, dict] = {
 # Fields that change the mathematics of a run: a resumed run must keep them.
 _RUN_DEFINING = ("data", "image_size", "channels", "preset", "batch_size", "lr", "warmup", "grad_clip",
                  "ema_decay", "ema_warmup", "seed", "num_timesteps", "schedule", "flip", "unet")
-
-
-def resolve_device(device=None) -> torch.device:
-    """``device`` as a torch.device (None: CUDA when available), with a clear error for bad or absent ones."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available here: use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {str(device)!r} is not supported: use cpu, cuda or cuda:N")
-    return device
 
 
 def unet_config_for(preset: str, channels: int, image_size: int, overrides: dict | None = None):
@@ -222,6 +210,8 @@ class RunResult:
     images_per_second: float
     checkpoint: Path | None
     resumed_from: int | None = None
+    stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal ended the run early
+    world_size: int = 1
 
 
 def _mix_seed(*values: int) -> int:
@@ -234,13 +224,22 @@ class Trainer:
 
     ``Trainer(config)`` builds a fresh run from a :class:`TrainConfig` (resolved on the way in);
     :meth:`load_state` continues it from a :class:`~ddpm_fast.checkpoint.Checkpoint`.
+
+    group: the process group (:func:`ddpm_fast.distributed.process_group`); with N > 1 ranks the model is
+    wrapped in DistributedDataParallel and each rank trains on its slice of the global batch
+    ``config.batch_size``: rank r takes images r*B/N .. (r+1)*B/N - 1 of every global batch, with the t
+    and noise those global image indices get, so the gradient is the global batch's up to the order of
+    the float sums.
     """
 
-    def __init__(self, config: TrainConfig, dataset=None):
+    def __init__(self, config: TrainConfig, dataset=None, group: Group | None = None):
         from .data import BatchStream, load_dataset
         from .unet import UNet
 
         self.config = config = _label_data(config, dataset).resolved()
+        self.group = group = group or Group(device=torch.device(config.device))
+        if config.batch_size % group.world_size:
+            raise ValueError(_indivisible_batch(config.batch_size, group.world_size))
         self.device = torch.device(config.device)
         if dataset is None:
             dataset = load_dataset(config.data, image_size=config.image_size, channels=config.channels,
@@ -260,6 +259,10 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.model.train()
+        if group.world_size > 1:
+            # dropout: one stream per rank, keyed by (seed, rank): the same distribution as one process,
+            # not the same bits (the weights above came from the shared seed, so every rank starts equal)
+            torch.manual_seed(_mix_seed(config.seed, _DROPOUT_KEY, group.rank))
         on_cuda = self.device.type == "cuda"
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, fused=True if on_cuda else None)
         self.stream = BatchStream(dataset, config.batch_size, config.seed, flip=config.flip, device=self.device)
@@ -267,7 +270,16 @@ class Trainer:
         self._params = [p for p in self.model.parameters()]
         self._ema_params = [p for p in self.ema.parameters()]
         self._noise_seed_base = _mix_seed(config.seed, 0xE95)
-        self._forward = torch.compile(self.model) if config.compile else self.model
+        trained = self.model
+        if group.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # torch's documented order: wrap in DDP first, then compile the wrapper (DDPOptimizer then
+            # splits the graph at the gradient buckets). The U-Net's only buffer is a non-persistent
+            # constant table, so there is nothing to broadcast each forward.
+            trained = DistributedDataParallel(self.model, device_ids=[self.device] if on_cuda else None,
+                                              forward_sync_buffers=False)
+        self._forward = torch.compile(trained) if config.compile else trained
 
     # -- the pieces of one step --------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -289,11 +301,17 @@ class Trainer:
         return (self._noise_seed_base + torch.arange(batch_size, dtype=torch.int64)) % (1 << 32)
 
     def loss_on_batch(self, x0: torch.Tensor, step: int) -> torch.Tensor:
-        """Ho's simple loss on x0 (B, C, H, W) float32 for training step ``step``: a 0-dim float32 tensor."""
+        """Ho's simple loss on x0 (B, C, H, W) float32 for training step ``step``: a 0-dim float32 tensor.
+
+        With N ranks x0 is this rank's slice of the global batch of N*B images; t and the noise are
+        those of the slice's global image indices.
+        """
         batch = x0.shape[0]
-        t = self.timesteps_at(step, batch)
-        x_t, eps = ops.q_sample_seeded(x0, t, self.schedule, self.noise_seeds(batch), step)
-        t = t.to(self.device, non_blocking=True)
+        total, first = batch * self.group.world_size, batch * self.group.rank
+        t = self.timesteps_at(step, total)[first:first + batch]
+        seeds = self.noise_seeds(total)[first:first + batch]
+        x_t, eps = ops.q_sample_seeded(x0, t, self.schedule, seeds, step)
+        t = host_to_device(t, self.device)  # checked and uploaded by ops too; this copy feeds the model
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.dtype == "bf16"):
             eps_pred = self._forward(x_t, t)
         return F.mse_loss(eps_pred.float(), eps.float())
@@ -305,6 +323,9 @@ class Trainer:
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step; returns (loss, gradient norm before clipping) as 0-dim device tensors."""
         x0 = next(self.stream)
+        if self.group.world_size > 1:  # every rank draws the same global batch and keeps its slice
+            share = x0.shape[0] // self.group.world_size
+            x0 = x0[self.group.rank * share:(self.group.rank + 1) * share]
         if self.config.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         for group in self.optimizer.param_groups:
@@ -326,9 +347,18 @@ class Trainer:
                 "schedule": self.schedule.to_config(), "train": train}
 
     def state_dict(self) -> dict:
-        """Optimizer, RNG and batch-stream state (everything but the weights) for ``state.pt``."""
+        """Optimizer, RNG and batch-stream state (everything but the weights) for ``state.pt``.
+
+        With N > 1 ranks (a collective: every rank calls it) it also holds each rank's dropout RNG
+        state under "rank_rng", so a run resumed at the same world size continues every stream exactly.
+        """
         np_state = np.random.get_state()
+        extra = {}
+        if self.group.world_size > 1:
+            cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+            extra["rank_rng"] = self.group.all_objects({"torch": torch.get_rng_state(), "cuda": cuda})
         return {
+            **extra,
             "optimizer": self.optimizer.state_dict(),
             "batch_stream": self.stream.state_dict(),
             "rng": {
@@ -340,9 +370,17 @@ class Trainer:
         }
 
     def save(self, run_dir) -> Path:
-        return save_checkpoint(run_dir, step=self.step, config=self.run_config(), model=self.model.state_dict(),
-                               ema=self.ema.state_dict(), state=self.state_dict(),
-                               keep=self.config.keep_checkpoints)
+        """Write a checkpoint of the current step (rank 0 writes; every rank calls this and then waits at
+        a barrier, so no rank runs ahead of a checkpoint in progress). Returns its folder on every rank."""
+        state = self.state_dict()
+        path = None
+        if self.group.is_main:
+            path = save_checkpoint(run_dir, step=self.step, config=self.run_config(),
+                                   model=self.model.state_dict(), ema=self.ema.state_dict(), state=state,
+                                   keep=self.config.keep_checkpoints)
+        if self.group.world_size > 1:
+            path = self.group.all_objects(path)[0]  # also the barrier: rank 0 sends it once written
+        return path
 
     def load_state(self, ckpt: Checkpoint) -> None:
         """Continue from a checkpoint written by :meth:`save` (weights, optimizer, RNG, data position)."""
@@ -364,12 +402,35 @@ class Trainer:
             random.setstate(_as_tuples(rng["python"]))
             name, keys, *rest = rng["numpy"]
             np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+            if self.group.world_size > 1:
+                self._load_rank_rng(state.get("rank_rng"), int(state["step"]))
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             if isinstance(exc, DDPMFastError):
                 raise
             raise CheckpointError(f"{ckpt.path / STATE_FILE} does not fit this run "
                                   f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:120]})") from None
         self.step = int(state["step"])
+
+    def _load_rank_rng(self, saved, step: int) -> None:
+        """This rank's dropout stream: its own saved state at the same world size; at another world size
+        a fresh stream keyed by (seed, rank, step) (dropout keeps its distribution, not its bits)."""
+        world, rank = self.group.world_size, self.group.rank
+        if isinstance(saved, (list, tuple)) and len(saved) == world:
+            torch.set_rng_state(saved[rank]["torch"])
+            if saved[rank]["cuda"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(saved[rank]["cuda"], self.device)
+        else:
+            torch.manual_seed(_mix_seed(self.config.seed, _DROPOUT_KEY, rank, step))
+
+
+_DROPOUT_KEY = 0xD809
+
+
+def _indivisible_batch(batch_size: int, world_size: int) -> str:
+    lower = batch_size - batch_size % world_size
+    options = f"{lower} or {lower + world_size}" if lower else f"{world_size}"
+    return (f"--batch-size {batch_size} is the global batch and must divide by the {world_size} processes: "
+            f"use {options}")
 
 
 def _label_data(config: TrainConfig, dataset) -> TrainConfig:
@@ -439,79 +500,114 @@ def train(config: TrainConfig, *, dataset=None, on_log=None, fid_extractor=None)
 
     Writes config.json, log.jsonl, checkpoints every ``save_every`` steps and at the end, and sample
     grids every ``sample_every`` steps. dataset: an already loaded ``ImageDataset`` (skips loading
-    ``config.data``). on_log: optional callback receiving each log record (a dict).
+    ``config.data``). on_log: optional callback receiving each log record (a dict; rank 0 only).
     fid_extractor: the feature extractor for ``fid_every`` (default: torch-fidelity's Inception).
     Returns a :class:`RunResult`.
+
+    Under torchrun (or in a process group the caller initialized) every rank runs this: ``batch_size``
+    is the global batch, split evenly over the ranks; rank 0 writes every file. SIGTERM or SIGINT ends
+    the run after the current step with a checkpoint (``RunResult.stopped_by`` names the signal).
     """
+    config, existing = _prepare_config(_label_data(config, dataset))
+    world = planned_world_size()
+    if config.batch_size % world:  # checked before the group starts: every rank fails the same way
+        raise DDPMFastError(_indivisible_batch(config.batch_size, world))
+    with process_group(config.device) as group:
+        config = dataclasses.replace(config, device=str(group.device))
+        with collective_errors("training"):
+            return _train_in_group(config, existing, group, dataset, on_log, fid_extractor)
+
+
+def _train_in_group(config: TrainConfig, existing: Path | None, group: Group, dataset, on_log,
+                    fid_extractor=None) -> RunResult:
     from tqdm.auto import tqdm
 
-    config, existing = _prepare_config(_label_data(config, dataset))
     run_dir = Path(config.out)
-    trainer = Trainer(config, dataset=dataset)
+    trainer = Trainer(config, dataset=dataset, group=group)
     resumed_from = None
     if existing is not None:
         trainer.load_state(load_checkpoint(existing, with_state=True, map_location="cpu"))
         resumed_from = trainer.step
     fid = _TrainingFID(config, trainer.device, fid_extractor) if config.fid_every else None  # fails before training
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", trainer.run_config())
+    main = group.is_main
     log = _JsonlLog(run_dir / "log.jsonl")
-    log.write({"event": "resume" if resumed_from is not None else "start", "step": trainer.step,
-               "device": str(trainer.device), "compile": config.compile, "dtype": config.dtype,
-               "parameters": sum(p.numel() for p in trainer.model.parameters()), "time": time.time()})
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "config.json", trainer.run_config())
+        log.write({"event": "resume" if resumed_from is not None else "start", "step": trainer.step,
+                   "device": str(trainer.device), "world_size": group.world_size, "compile": config.compile,
+                   "dtype": config.dtype, "parameters": sum(p.numel() for p in trainer.model.parameters()),
+                   "time": time.time()})
 
     steps = config.steps
     checkpoint = existing
-    bar = tqdm(total=steps, initial=trainer.step, desc="train", unit="step", disable=not config.progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=trainer.step, desc="train", unit="step",
+               disable=not (config.progress and main), dynamic_ncols=True)
     loss_sum = torch.zeros((), device=trainer.device)
     window_steps, final_loss = 0, float("nan")
     train_seconds, images = 0.0, 0
     window_start, window_io = time.perf_counter(), 0.0  # io: checkpoint and grid time, not training time
+    stop, stopped = StopSignals(announce=main), False
     try:
-        while trainer.step < steps:
-            loss, grad_norm = trainer.train_step()
-            loss_sum += loss
-            window_steps += 1
-            bar.update(1)
-            step = trainer.step
-            saving = (config.save_every and step % config.save_every == 0) or step == steps
-            if step % config.log_every == 0 or saving:  # a checkpoint is written only after a finite loss
-                final_loss = float(loss_sum) / window_steps  # the only host sync in the loop
-                now = time.perf_counter()
-                elapsed = max(now - window_start - window_io, 1e-9)
-                ips = window_steps * config.batch_size / elapsed
-                train_seconds += elapsed
-                images += window_steps * config.batch_size
-                if not math.isfinite(final_loss):
-                    raise DDPMFastError(
-                        f"the loss became {final_loss} at step {step}: lower --lr (or the warmup); the last "
-                        f"good checkpoint is {checkpoint or 'none'}")
-                record = {"step": step, "loss": final_loss, "lr": trainer.lr_at(step - 1),
-                          "grad_norm": float(grad_norm), "images_per_s": ips, "time": time.time()}
-                log.write(record)
-                if on_log is not None:
-                    on_log(record)
-                bar.set_postfix(loss=f"{final_loss:.4f}", img_s=f"{ips:,.0f}")
-                loss_sum.zero_()
-                window_steps, window_start, window_io = 0, now, 0.0
-            io_start = time.perf_counter()
-            if saving:
-                checkpoint = trainer.save(run_dir)
-                log.write({"event": "checkpoint", "step": step, "path": str(checkpoint)})
-            if config.sample_every and (step % config.sample_every == 0 or step == steps):
-                _write_training_grid(trainer, run_dir, step)
-            if fid is not None and (step % config.fid_every == 0 or step == steps):
-                record = fid(trainer, step)
-                log.write(record)
-                if on_log is not None:
-                    on_log(record)
-            window_io += time.perf_counter() - io_start
+        with stop:
+            while trainer.step < steps:
+                loss, grad_norm = trainer.train_step()
+                loss_sum += loss
+                window_steps += 1
+                bar.update(1)
+                step = trainer.step
+                # every rank stops after the same step: one host-side flag exchange per step (no GPU sync)
+                stopping = group.any(stop.requested) and step < steps  # at the last step the run is done anyway
+                saving = (config.save_every and step % config.save_every == 0) or step == steps or stopping
+                if step % config.log_every == 0 or saving:  # a checkpoint is written only after a finite loss
+                    # the loss averaged over the ranks, here only: the one host sync in the loop
+                    final_loss = float(group.mean(loss_sum)) / window_steps
+                    now = time.perf_counter()
+                    elapsed = max(now - window_start - window_io, 1e-9)
+                    ips = window_steps * config.batch_size / elapsed
+                    train_seconds += elapsed
+                    images += window_steps * config.batch_size
+                    if not math.isfinite(final_loss):
+                        raise DDPMFastError(
+                            f"the loss became {final_loss} at step {step}: lower --lr (or the warmup); the last "
+                            f"good checkpoint is {checkpoint or 'none'}")
+                    record = {"step": step, "loss": final_loss, "lr": trainer.lr_at(step - 1),
+                              "grad_norm": float(grad_norm), "images_per_s": ips, "time": time.time()}
+                    if main:
+                        log.write(record)
+                        if on_log is not None:
+                            on_log(record)
+                    bar.set_postfix(loss=f"{final_loss:.4f}", img_s=f"{ips:,.0f}")
+                    loss_sum.zero_()
+                    window_steps, window_start, window_io = 0, now, 0.0
+                io_start = time.perf_counter()
+                if saving:
+                    checkpoint = trainer.save(run_dir)
+                    if main:
+                        log.write({"event": "checkpoint", "step": step, "path": str(checkpoint)})
+                if stopping:
+                    if main:
+                        log.write({"event": "stopped", "signal": stop.signal_name or "another rank's signal",
+                                   "step": step, "time": time.time()})
+                    stopped = True
+                    break
+                if config.sample_every and (step % config.sample_every == 0 or step == steps):
+                    _write_training_grid(trainer, run_dir, step)
+                if fid is not None and (step % config.fid_every == 0 or step == steps):
+                    record = fid(trainer, step)  # every rank samples its share; the sums are combined
+                    if main:
+                        log.write(record)
+                        if on_log is not None:
+                            on_log(record)
+                window_io += time.perf_counter() - io_start
     finally:
         bar.close()
-    log.write({"event": "end", "step": trainer.step, "train_seconds": train_seconds, "time": time.time()})
+    if main:
+        log.write({"event": "end", "step": trainer.step, "train_seconds": train_seconds, "time": time.time()})
+    stopped_by = (stop.signal_name or "another process's signal") if stopped else None
     return RunResult(run_dir, trainer.step, final_loss, train_seconds,
-                     images / train_seconds if train_seconds else 0.0, checkpoint, resumed_from)
+                     images / train_seconds if train_seconds else 0.0, checkpoint, resumed_from,
+                     stopped_by, group.world_size)
 
 
 class _TrainingFID:
@@ -535,8 +631,10 @@ class _TrainingFID:
                 "sample_steps": config.sample_steps or config.num_timesteps, "time": time.time()}
 
 
-def _write_training_grid(trainer: Trainer, run_dir: Path, step: int) -> Path:
-    """A grid of EMA samples, seeds 0..n-1, at run_dir/samples/step_NNNNNN.png (RNG state untouched)."""
+def _write_training_grid(trainer: Trainer, run_dir: Path, step: int) -> Path | None:
+    """A grid of EMA samples, seeds 0..n-1, at run_dir/samples/step_NNNNNN.png (RNG state untouched).
+
+    Every rank calls it: the seeds are dealt to the ranks, rank 0 writes the grid (and returns its path)."""
     from .data import save_grid, to_uint8_nhwc
     from .generate import generate
 
@@ -544,6 +642,9 @@ def _write_training_grid(trainer: Trainer, run_dir: Path, step: int) -> Path:
     with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
         # no compile: a fresh sampler per grid would recompile each time; CUDA graphs still apply
         images = generate(trainer.ema, trainer.schedule, list(range(config.num_sample_images)),
-                          steps=config.sample_steps, device=trainer.device, sampler_options={"compile": False})
+                          steps=config.sample_steps, device=trainer.device, sampler_options={"compile": False},
+                          group=trainer.group)
+    if not trainer.group.is_main:
+        return None
     scale = max(1, 64 // trainer.unet_config.sample_size)
     return save_grid(to_uint8_nhwc(images), run_dir / "samples" / f"step_{step:06d}.png", scale=scale)

@@ -84,13 +84,15 @@ class Runner:
 
     ``warmup()`` does whatever must happen before timing (compilation, graph capture, cuDNN plans); the
     default is one full unit. ``context()`` wraps both (e.g. inductor flags that must hold while compiling).
-    ``config`` records what was actually configured, for the JSON.
+    ``config`` records what was actually configured, for the JSON. ``warmup_is_full``: the warm-up is a
+    whole timed unit (no separate warm-up function), so it already produced a first result.
     """
 
     def __init__(self, device: torch.device, work, warmup=None, context=None, config=None):
         self.device = device
         self._work = work
         self._warmup = warmup
+        self.warmup_is_full = warmup is None
         self._context = context
         self.config = config or {}
 

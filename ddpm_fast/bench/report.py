@@ -48,6 +48,19 @@ def _table(records: list[dict], baselines: list[str], index: dict, stepwise: boo
     return lines
 
 
+def _first_run_table(records: list[dict]) -> list[str]:
+    """Time to the first result of each case on a new shape: build, compile, capture, the first run."""
+    lines = ["| impl | kind | batch | build s | warm-up s | first run s | startup s | first 1000-step batch s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if r.get("first_run_s") is None or r.get("same_as"):
+            continue
+        lines.append(f"| {r['impl']} | {r['kind']} | {r['batch_size']} | {_fmt(r.get('build_s'), 3)} | "
+                     f"{_fmt(r.get('warmup_s'), 3)} | {_fmt(r['first_run_s'], 3)} | {_fmt(r.get('startup_s'), 3)} | "
+                     f"{_fmt(r.get('first_image_full_s'), 3)} |")
+    return lines if len(lines) > 2 else []
+
+
 def markdown_report(result: dict) -> str:
     """The benchmark JSON as Markdown: a header on the device and method, then one table per kind."""
     dev, sw = result.get("device", {}), result.get("software", {})
@@ -94,5 +107,12 @@ def markdown_report(result: dict) -> str:
     if training:
         lines += ["", "## Training: one optimizer step (ms/step is per step)", ""]
         lines += _table(training, ["reference"], index)
+    first = _first_run_table(cases)
+    if first:
+        lines += ["", "## Time to the first result on a new shape (build, compile, capture, first run)", "",
+                  f"first run: build + warm-up + the first timed run of {settings.get('steps_timed')} steps when "
+                  "the warm-up was partial (eager baselines warm up with 2 steps); startup: first run minus the "
+                  f"median run; first {FULL_STEPS}-step batch: startup + {FULL_STEPS} x ms/step.", ""]
+        lines += first
     lines += ["", f"Total wall time {_fmt(result.get('wall_s'), 3)} s."]
     return "\n".join(lines) + "\n"

@@ -23,7 +23,7 @@ from .cases import FULL_STEPS, BenchContext, Case, make_runner
 from .report import markdown_report
 from .schema import SCHEMA_VERSION
 from .settings import _same_as_ddpm_fast, default_out_path, plan_cases, resolve_settings
-from .timing import _one_line, measure_ceilings, model_flops, throughput, time_runner
+from .timing import _one_line, first_run, measure_ceilings, model_flops, throughput, time_runner
 
 
 def _case_record(case: Case, *, steps_reported, error=None, **extra) -> dict:
@@ -45,10 +45,13 @@ def run_case(case: Case, ctx: BenchContext, *, repeats: int, warmup: int, flops:
     runner = None
     try:
         runner = make_runner(case, ctx)
+        build_s = time.perf_counter() - start
         record["config"] = runner.config
-        seconds = time_runner(runner, repeats, warmup, max_seconds=max_seconds)
+        phases = {}
+        seconds = time_runner(runner, repeats, warmup, max_seconds=max_seconds, phases=phases)
         per_image = flops.get(case.kind)
         record.update(throughput(seconds, case.kind, case.batch_size, case.steps, per_image, peak_flops))
+        record.update(first_run(build_s, phases, seconds, case.kind, case.steps))
         record["flops_per_image_step"] = per_image
     except Exception as exc:  # noqa: BLE001 - one case's failure (OOM, missing package) must not end the run
         record["error"] = _one_line(exc)
@@ -135,6 +138,9 @@ def run(args: argparse.Namespace) -> int:
                    f"ms_per_step = median / steps_timed, images_per_s = batch / (ms_per_step * {FULL_STEPS}): the "
                    "full schedule, extrapolated per step (fixed per-run costs are spread over the timed steps, "
                    "which slightly understates images/s). Training: images_per_s = batch * steps / median. "
+                   "Time to the first result on a new shape: first_run_s = build + warm-up (compile, capture) "
+                   "+ the first timed run when the warm-up was partial; startup_s = first_run_s - median; "
+                   f"sampling's first_image_full_s = startup_s + the per-step time x {FULL_STEPS}. "
                    "MFU = batch * counted FLOPs per image per step / step time / measured bf16 matmul rate "
                    "(counted FLOPs: conv + linear + attention matmuls of ddpm_fast.flops, the same for every impl)."),
         "ceilings": {},
@@ -178,4 +184,5 @@ def run(args: argparse.Namespace) -> int:
 def _case_line(record: dict) -> str:
     if record.get("error"):
         return f"error: {record['error']}"
-    return f"{record['images_per_s']:.4g} images/s, {record['ms_per_step']:.4g} ms/step"
+    return (f"{record['images_per_s']:.4g} images/s, {record['ms_per_step']:.4g} ms/step, "
+            f"first run {record['first_run_s']:.3g} s (startup {record['startup_s']:.3g} s)")

@@ -14,16 +14,23 @@ import torch
 from .cases import FULL_STEPS, BenchContext, Runner, _sync
 
 
-def time_runner(runner: Runner, repeats: int, warmup: int = 1, max_seconds: float | None = None) -> list[float]:
+def time_runner(runner: Runner, repeats: int, warmup: int = 1, max_seconds: float | None = None,
+                phases: dict | None = None) -> list[float]:
     """Seconds per timed unit for up to ``repeats`` runs after ``warmup`` warm-up runs.
 
     Each run is bracketed by device synchronisation and read with ``time.perf_counter`` (wall time is the
     honest measure here: diffusers' loop is host-driven). Stops early, after at least one run, once the
-    runs so far took more than ``max_seconds``.
+    runs so far took more than ``max_seconds``. ``phases``, when given, receives ``warmup_s`` (the
+    warm-up runs together: compilation, graph capture, cuDNN plans) and ``warmup_is_full`` (whether a
+    warm-up run did a whole timed unit, i.e. already produced a first result).
     """
     with runner.context():
+        start = time.perf_counter()
         for _ in range(warmup):
             runner.warmup()
+        if phases is not None:
+            phases["warmup_s"] = time.perf_counter() - start
+            phases["warmup_is_full"] = warmup > 0 and runner.warmup_is_full
         seconds = []
         for _ in range(repeats):
             _sync(runner.device)
@@ -65,6 +72,23 @@ def throughput(seconds: list[float], kind: str, batch_size: int, steps: int, flo
         "achieved_tflops": None if achieved is None else achieved / 1e12,
         "mfu": None if (achieved is None or not peak_flops) else achieved / peak_flops,
     }
+
+
+def first_run(build_s: float, phases: dict, seconds: list[float], kind: str, steps: int) -> dict:
+    """How long the first result takes on a new shape, from the runner's build to the end of the first
+    whole timed unit (a batch of ``steps``-step samples; ``steps`` optimizer steps): build + warm-up,
+    plus the first timed run when the warm-up was a partial one (the eager baselines warm up with 2
+    steps, which this figure then includes). ``startup_s`` is its one-time part (``first_run_s`` minus
+    the median run: compilation, capture, building); for sampling ``first_image_full_s`` is the time to
+    the first batch of full-schedule images on a new shape (startup + the per-step time x FULL_STEPS).
+    """
+    median = statistics.median(seconds)
+    first = build_s + phases["warmup_s"] + (0.0 if phases["warmup_is_full"] else seconds[0])
+    out = {"build_s": build_s, "warmup_s": phases["warmup_s"], "first_run_s": first,
+           "startup_s": max(first - median, 0.0)}
+    if kind == "sampling":
+        out["first_image_full_s"] = out["startup_s"] + median / steps * FULL_STEPS
+    return out
 
 
 def model_flops(ctx: BenchContext) -> dict:

@@ -1,0 +1,331 @@
+"""The GPU run's machinery, checked on a CPU: run_gpu.sh's stages (dry run), the stage record, the kernel
+table's and the bench's write-as-you-go files, time to the first result, and the sample check script.
+
+Nothing here needs a GPU or times anything for real: these tests check that a stage plans what NOTES.md
+says within its deadline, and that a stage or step killed half way leaves readable files.
+"""
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm_fast import bench
+from ddpm_fast.bench import run_loop as bench_run_loop
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "run_gpu.sh"
+STAGES = ("verify", "headline", "full", "full2", "full3")
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def _load(name: str):
+    """A script of benchmarks/ as a module (benchmarks/ is no package)."""
+    spec = importlib.util.spec_from_file_location(f"_bench_script_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_script(*args, env=None, tmp_path=None):
+    environ = {"PATH": "/usr/bin:/bin", "GPU_TAG": "h200", "PYTHON": sys.executable,
+               "OUT": str(tmp_path / "out") if tmp_path else "/nonexistent/out", **(env or {})}
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=environ, timeout=60,
+                          cwd=ROOT)
+
+
+# ---------------------------------------------------------------------------------------------------
+# run_gpu.sh: dispatch and the dry run
+# ---------------------------------------------------------------------------------------------------
+
+
+@needs_bash
+def test_script_parses():
+    assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
+
+
+@needs_bash
+@pytest.mark.parametrize("args", [(), ("bogus",), ("verify", "headline"), ("VERIFY",)])
+def test_no_or_unknown_stage_prints_the_usage_and_exits_2(args, tmp_path):
+    done = _run_script(*args, tmp_path=tmp_path)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("usage: bash benchmarks/run_gpu.sh verify|headline|full")
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def _dry_run(stage, tmp_path, **env):
+    done = _run_script(stage, env={"DRY_RUN": "1", **env}, tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+    steps = re.findall(r"^\[dry-run\] (\S+) \(cap (\d+) s\): (.*)$", done.stdout, flags=re.M)
+    header = re.search(r"^\[dry-run\] stage (\S+): (\S+) .*predicted (\d+) s .*deadline (\d+) s$", done.stdout,
+                       flags=re.M)
+    assert header, done.stdout
+    return {name: (int(cap), cmd) for name, cap, cmd in steps}, header
+
+
+@needs_bash
+def test_verify_stage_plans_the_cuda_tests_the_kernel_tables_and_the_sample(tmp_path):
+    steps, header = _dry_run("verify", tmp_path)
+    assert list(steps) == ["pytest-cuda", "kernels-fp32", "kernels-bf16", "verify-sample"]
+    assert re.search(r"-m pytest -m cuda tests .*--junitxml \S+/pytest-cuda\.xml", steps["pytest-cuda"][1])
+    for dtype in ("fp32", "bf16"):
+        cmd = steps[f"kernels-{dtype}"][1]
+        assert f"bench_kernels.py --dtype {dtype} --no-compile" in cmd  # no compiled baselines in verify
+    assert "verify_sample.py --model cifar10" in steps["verify-sample"][1]
+    assert "--compile-mode default" in steps["verify-sample"][1]
+    assert re.search(r"/\d{4}-\d\d-\d\d-h200-verify\.json$", header[2])
+
+
+@needs_bash
+def test_headline_stage_is_four_impls_at_64_and_512_in_default_mode(tmp_path):
+    steps, _ = _dry_run("headline", tmp_path)
+    (cap, cmd), = steps.values()
+    assert "-m ddpm_fast.bench" in cmd and "--impls reference,diffusers,diffusers-compiled,ddpm_fast" in cmd
+    assert "--batch-sizes 64,512" in cmd and "--fast-compile-mode default" in cmd and "--compile-mode default" in cmd
+    assert "max-autotune" not in cmd
+    budget = int(re.search(r"--time-budget (\d+)", cmd)[1])
+    assert 0 < budget < cap  # no case starts too late to finish inside the step's cap
+
+
+@needs_bash
+@pytest.mark.parametrize("stage,wanted", [
+    ("full", ["--compile-mode max-autotune", "--batch-sizes 64"]),
+    ("full2", ["--batch-sizes 1", "ablation", "--ablation-batch 64"]),
+    ("full3", ["--only training", "--benchmark-only", "--benchmark-json"]),
+])
+def test_full_stages_split_the_rest(stage, wanted, tmp_path):
+    steps, _ = _dry_run(stage, tmp_path)
+    text = " ".join(cmd for _, cmd in steps.values())
+    for piece in wanted:
+        assert piece in text
+
+
+@needs_bash
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_fits_one_call(stage, tmp_path):
+    """The caps of a stage's steps add up to its deadline or less, and the prediction is under 8 minutes."""
+    steps, header = _dry_run(stage, tmp_path)
+    predicted, deadline = int(header[3]), int(header[4])
+    assert deadline <= 480 and predicted <= deadline
+    assert steps and sum(cap for cap, _ in steps.values()) <= deadline
+    # a shorter deadline shrinks the caps with it
+    short, _ = _dry_run(stage, tmp_path, DEADLINE_S="200")
+    assert sum(cap for cap, _ in short.values()) <= 200 + 10 * len(short)  # each step keeps at least 10 s
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage record
+# ---------------------------------------------------------------------------------------------------
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="3">
+<testcase classname="tests.test_sampler" name="test_a" time="1.5"/>
+<testcase classname="tests.test_sampler" name="test_b" time="0.1"><failure message="AssertionError: off by 0.3&#10;more">trace</failure></testcase>
+<testcase classname="tests.test_kernels" name="test_c" time="0.0"><skipped message="needs CUDA"/></testcase>
+</testsuite></testsuites>"""
+
+
+def test_stage_record_keeps_each_step_and_survives_a_cut_pytest_run(tmp_path):
+    stage = _load("gpu_stage")
+    record_path = tmp_path / "2026-12-01-h200-verify.json"
+    assert stage.main(["start", "--json", str(record_path), "--stage", "verify", "--predicted-s", "330",
+                       "--compiles", "1 U-Net"]) == 0
+    record = json.loads(record_path.read_text())
+    assert record["steps"] == [] and record["environment"]["torch"] == torch.__version__
+    assert "nvidia_smi" in record["environment"]
+
+    xml = tmp_path / "pytest-cuda.xml"
+    xml.write_text(JUNIT)
+    assert stage.main(["step", "--json", str(record_path), "--name", "pytest-cuda", "--command", "pytest -m cuda",
+                       "--cap", "190", "--rc", "1", "--wall", "42", "--elapsed", "60", "--kind", "pytest",
+                       "--result", str(xml)]) == 0
+    # a second run cut at its cap: no XML, only the streamed -v log
+    log = tmp_path / "cut.log"
+    log.write_text("tests/test_kernels.py::test_x[cuda] PASSED    [  1%]\n"
+                   "tests/test_kernels.py::test_y[cuda] FAILED    [  2%]\n"
+                   "tests/test_kernels.py::test_z[cuda] ")
+    assert stage.main(["step", "--json", str(record_path), "--name", "pytest-cut", "--command", "pytest",
+                       "--cap", "10", "--rc", "124", "--wall", "10", "--elapsed", "75", "--kind", "pytest",
+                       "--result", str(tmp_path / "missing.xml"), "--log", str(log)]) == 0
+    record = json.loads(record_path.read_text())
+    full, cut = (s["result"] for s in record["steps"])
+    assert full["complete"] and full["counts"] == {"passed": 1, "failed": 1, "skipped": 1}
+    assert full["failed"] == ["tests.test_sampler::test_b"]
+    assert full["tests"][1]["message"] == "AssertionError: off by 0.3"
+    assert not cut["complete"] and cut["counts"] == {"passed": 1, "failed": 1}
+    assert record["status"] == 1 and record["wall_s"] == 75
+    md = record_path.with_suffix(".md").read_text()
+    assert "| pytest-cut | 124 (cap hit) | 10 | 10 |" in md and "FAILED tests.test_sampler::test_b" in md
+    assert "the run was cut" in md
+
+
+def test_stage_record_step_without_a_start_is_one_line(tmp_path, capsys):
+    stage = _load("gpu_stage")
+    rc = stage.main(["step", "--json", str(tmp_path / "none.json"), "--name", "x", "--command", "x", "--cap", "1",
+                     "--rc", "0", "--wall", "0", "--elapsed", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "run `start` first" in err[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Write as you go: the kernel table after every row, the bench after every case
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_kernel_table_is_on_disk_after_its_first_row(tmp_path, monkeypatch):
+    kernels_bench = _load("bench_kernels")
+    out = tmp_path / "kernels.json"
+    seen = []
+    real_write = kernels_bench.write_report
+
+    class Killed(Exception):
+        pass
+
+    def write_then_maybe_die(path, report):
+        real_write(path, report)
+        seen.append(json.loads(Path(path).read_text()))  # what a kill right now would leave
+        if len(report["results"]) == 1:
+            raise Killed
+
+    monkeypatch.setattr(kernels_bench, "write_report", write_then_maybe_die)
+    with pytest.raises(Killed):
+        kernels_bench.main(["--device", "cpu", "--cases", "q_sample,reverse_noise", "--iters", "1", "--no-compile",
+                            "--out", str(out)])
+    assert [len(s["results"]) for s in seen] == [0, 1]
+    left = json.loads(out.read_text())
+    assert left["complete"] is False and left["compiled_baselines"] is False
+    row, = left["results"]
+    assert row["case"] == "q_sample" and row["impls"]["kernel"]["us"] > 0 and "compiled" not in row["impls"]
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+    monkeypatch.setattr(kernels_bench, "write_report", real_write)
+    assert kernels_bench.main(["--device", "cpu", "--cases", "q_sample", "--iters", "1", "--out", str(out)]) == 0
+    done = json.loads(out.read_text())
+    assert done["complete"] is True and len(done["results"]) == 2  # both CPU shapes
+
+
+def test_bench_rewrites_its_json_after_every_case_with_time_to_first_result(tmp_path, monkeypatch):
+    def runner(case, ctx):
+        # ddpm_fast: a slow full warm-up (compile + capture); reference: a quick partial warm-up
+        if case.impl == "ddpm_fast":
+            return bench.Runner(ctx.device, lambda: time.sleep(0.01), warmup=None)
+        return bench.Runner(ctx.device, lambda: time.sleep(0.03), warmup=lambda: time.sleep(0.005))
+
+    slow_warmup = bench.Runner.warmup
+
+    def warmup(self):
+        if self.warmup_is_full:
+            time.sleep(0.2)  # stands for compilation and capture
+        slow_warmup(self)
+
+    monkeypatch.setattr(bench_run_loop, "make_runner", runner)
+    monkeypatch.setattr(bench.Runner, "warmup", warmup)
+    out = tmp_path / "bench.json"
+    snapshots = []
+    real_write = bench_run_loop._write
+
+    def write(result, path):
+        real_write(result, path)
+        snapshots.append(json.loads(Path(path).read_text()))
+
+    monkeypatch.setattr(bench_run_loop, "_write", write)
+    rc = bench.main(["--device", "cpu", "--model", "tiny", "--only", "sampling", "--impls", "reference,ddpm_fast",
+                     "--steps", "2", "--repeats", "2", "--out", str(out)])
+    assert rc == 0
+    assert [len(s["cases"]) for s in snapshots][:3] == [0, 1, 2]  # header, then after each case
+    ref, fast = json.loads(out.read_text())["cases"]
+    # partial warm-up: the first images come with the first timed run
+    assert ref["first_run_s"] == pytest.approx(ref["build_s"] + ref["warmup_s"] + ref["seconds"][0])
+    # full warm-up: it made the first images
+    assert fast["first_run_s"] == pytest.approx(fast["build_s"] + fast["warmup_s"])
+    assert fast["warmup_s"] >= 0.2 and fast["startup_s"] >= 0.19
+    assert fast["first_image_full_s"] == pytest.approx(fast["startup_s"] + fast["median_s"] / 2 * bench.FULL_STEPS)
+    assert "Time to the first result" in out.with_suffix(".md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sample check
+# ---------------------------------------------------------------------------------------------------
+
+
+def _verify_sample(tmp_path, *extra):
+    script = _load("verify_sample")
+    out = tmp_path / "sample.json"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        rc = script.main(["--device", "cpu", "--model", "tiny", "--batch", "2", "--steps", "3",
+                          "--compile-mode", "none", "--out", str(out), *extra])
+    finally:
+        torch.set_num_threads(threads)
+    return rc, json.loads(out.read_text())
+
+
+def test_verify_sample_bf16_fast_path_within_its_derived_tolerance(tmp_path):
+    rc, result = _verify_sample(tmp_path, "--dtype", "bfloat16")
+    assert rc == 0 and result["ok"] and result["within_tolerance"]
+    assert result["sampler"]["dtype"] == "bfloat16" and result["steps"] == 3
+    derivation = result["tolerance_derivation"]
+    assert derivation["low_dtype"] == "bfloat16" and derivation["eps_max_abs_diff"] > 0
+    # bf16 really moves the reference chain, and the tolerance is a few times that, far under the image range
+    assert 0 < derivation["reference_low_max_abs_diff"] < 0.5
+    assert result["tolerance"] == pytest.approx(derivation["safety"] * derivation["reference_low_max_abs_diff"]
+                                                + derivation["fp32_floor"])
+    assert derivation["fp32_floor"] < 0.01 * result["tolerance"]
+    assert 0 < result["max_abs_diff"] <= result["tolerance"] < 2.0
+    assert result["time_to_first_image_s"] > 0 and result["graph_captured"] is None  # no graphs on a CPU
+
+
+def test_verify_sample_fails_when_the_bound_is_too_tight(tmp_path):
+    rc, result = _verify_sample(tmp_path, "--dtype", "bfloat16", "--safety", "1e-6")
+    assert rc == 1 and not result["ok"] and result["max_abs_diff"] > result["tolerance"]
+
+
+def test_verify_sample_fp32_fast_path_has_an_fp32_tolerance(tmp_path):
+    rc, result = _verify_sample(tmp_path)  # FastSampler's CPU default: fp32
+    derivation = result["tolerance_derivation"]
+    assert derivation["low_dtype"] == "float32" and derivation["reference_low_max_abs_diff"] == 0
+    assert rc == 0 and result["max_abs_diff"] <= result["tolerance"] == pytest.approx(derivation["fp32_floor"])
+    assert result["tolerance"] < 1e-3
+
+
+def test_verify_sample_eps_gain_bounds_a_perturbed_step():
+    """sum |b_k| is a real bound: perturbing eps by d moves one clipped reverse step by at most |b_k| d."""
+    from ddpm_fast import reference
+    from ddpm_fast.schedule import NoiseSchedule
+
+    script = _load("verify_sample")
+    schedule = NoiseSchedule.linear(1000)
+    steps = [999, 600, 300, 0]
+    gains = script.eps_coefficients(schedule, steps)
+    respaced = schedule.respaced(steps)
+    g = torch.Generator().manual_seed(3)
+    x, eps, z = (torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    d = 1e-3
+    for k, gain in enumerate(gains.tolist()):
+        j = len(steps) - 1 - k  # index of step k in the respaced (ascending) schedule
+        t = torch.full((4,), j)
+        a = reference.reverse_step(x, t, eps, respaced, z, clip_x0=True)
+        b = reference.reverse_step(x, t, eps + d * torch.sign(torch.randn(eps.shape, generator=g, dtype=eps.dtype)),
+                                   respaced, z, clip_x0=True)
+        assert (a - b).abs().max().item() <= gain * d * (1 + 1e-9)
+
+
+def test_verify_sample_bad_arguments_are_one_line(tmp_path, capsys):
+    script = _load("verify_sample")
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--batch", "0", "--out", str(tmp_path / "x.json")])
+    assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert script.main(["--device", "cuda", "--out", str(tmp_path / "x.json")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no CUDA GPU" in err[0]
