@@ -25,26 +25,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def random_inception_weights(path: Path) -> Path:
-    """torch-fidelity's Inception network with seeded He-initialised weights, saved where given."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    cls = fe.FeatureExtractorInceptionV3
-    saved_load, saved_url = cls.load_state_dict, fe.load_state_dict_from_url
-    cls.load_state_dict = lambda self, state, *a, **k: None  # build without weights: keep the random init
-    fe.load_state_dict_from_url = lambda *a, **k: {}
-    try:
-        torch.manual_seed(0)
-        net = cls("inception-v3-compat", ["2048"])
-        for m in net.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    finally:
-        cls.load_state_dict, fe.load_state_dict_from_url = saved_load, saved_url
-    torch.save(net.state_dict(), path)
-    return path
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num", type=int, default=10000, help="images to sample (default 10000)")
@@ -54,6 +34,7 @@ def main() -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
+    from fid_helpers import random_inception_weights
     from random_weights import randomise
 
     from ddpm_fast import UNet, UNetConfig, save_diffusers_unet

@@ -60,3 +60,27 @@ def stats_bounds(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mu_bound = gamma(n + 1) * s1 / n
     sigma_bound = 4 * gamma(n + 2) * (a.T @ a + np.outer(s1, s1) / n) / (n - 1)
     return mu_bound, sigma_bound
+
+
+def random_inception_weights(path):
+    """torch-fidelity's Inception network with seeded random weights (He-initialised convolutions, so the
+    activations neither vanish nor explode over its depth), saved to ``path`` as a weights file its
+    ``feature_extractor_weights_path`` loads. Needs torch-fidelity; the global RNG is left as it was."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    cls = fe.FeatureExtractorInceptionV3
+    saved_load, saved_url = cls.load_state_dict, fe.load_state_dict_from_url
+    # build the network without weights: skip the download and the load, keep the layers' random init
+    cls.load_state_dict = lambda self, state, *a, **k: None
+    fe.load_state_dict_from_url = lambda *a, **k: {}
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = cls("inception-v3-compat", ["2048"])
+            for m in net.modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    finally:
+        cls.load_state_dict, fe.load_state_dict_from_url = saved_load, saved_url
+    torch.save(net.state_dict(), path)
+    return path

@@ -32,7 +32,7 @@ except Exception as exc:  # ImportError, or torchvision's "operator torchvision:
 
 from cli_helpers import error_line as _error_line
 from ddpm_fast.cli import main
-from fid_helpers import gamma, stats_bounds
+from fid_helpers import gamma, random_inception_weights, stats_bounds
 from ddpm_fast.fid_stats import frechet_distance, load_stats
 from ddpm_fast.inception import WEIGHTS_ENV, WEIGHTS_FILE, load_inception, sha256_file
 
@@ -42,23 +42,7 @@ pytestmark = pytest.mark.fidelity
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """A weights file for torch-fidelity's FeatureExtractorInceptionV3 holding seeded random weights."""
-    cls = tf_inception.FeatureExtractorInceptionV3
-    saved_load, saved_url = cls.load_state_dict, tf_inception.load_state_dict_from_url
-    # build the network without weights: skip the download and the load, keep the layers' random init
-    cls.load_state_dict = lambda self, state, *a, **k: None
-    tf_inception.load_state_dict_from_url = lambda *a, **k: {}
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            net = cls("inception-v3-compat", ["2048"])
-            for m in net.modules():
-                if isinstance(m, torch.nn.Conv2d):
-                    torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    finally:
-        cls.load_state_dict, tf_inception.load_state_dict_from_url = saved_load, saved_url
-    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    torch.save(net.state_dict(), path)
-    return path
+    return random_inception_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth")
 
 
 def _images(n, seed, hi=256, channels=3, size=32):
