@@ -12,7 +12,9 @@ from PIL import Image
 from cli_helpers import error_line as _error_line
 from ddpm_fast.cli import build_parser, main
 
-TINY = ["--preset", "tiny", "--unet-channels", "8,16", "--batch-size", "8", "--no-progress"]
+# --device cpu everywhere: these are CPU tests (the default would train compiled in bf16 on a GPU)
+CPU = ["--device", "cpu"]
+TINY = ["--preset", "tiny", "--unet-channels", "8,16", "--batch-size", "8", "--no-progress", *CPU]
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -41,7 +43,7 @@ def test_train_on_an_image_folder_of_mixed_sizes(tmp_path, capsys):
     for i, (h, w) in enumerate([(12, 10), (9, 16), (20, 20), (10, 10)]):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
     base = ["train", "--data", str(tmp_path / "images"), "--steps", "2", "--save-every", "0", "--preset", "tiny",
-            "--unet-channels", "8,16", "--batch-size", "2", "--no-progress"]
+            "--unet-channels", "8,16", "--batch-size", "2", "--no-progress", *CPU]
     assert main([*base, "--out", str(tmp_path / "r1")]) == 2
     assert "--image-size" in _error_line(capsys)  # the message names the fix
     assert main([*base, "--out", str(tmp_path / "r2"), "--image-size", "8", "--channels", "1"]) == 0
@@ -66,7 +68,7 @@ def test_resume_continues_and_refuses_to_overwrite(trained_run, tmp_path, capsys
 
 def test_sample_from_run_folder(trained_run, tmp_path, capsys):
     out = tmp_path / "samples"
-    argv = ["sample", str(trained_run), "--out", str(out), "--seeds", "0-4,9", "--steps", "4", "--png-per-image"]
+    argv = ["sample", str(trained_run), "--out", str(out), "--seeds", "0-4,9", "--steps", "4", "--png-per-image", *CPU]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "sampled 6 images" in printed and "ema weights" in printed and "FastSampler" in printed
@@ -78,7 +80,7 @@ def test_sample_from_run_folder(trained_run, tmp_path, capsys):
     # the same seeds at another batch size, through the oracle: the same images (to uint8 rounding)
     ref_out = tmp_path / "ref"
     assert main(["sample", str(trained_run), "--out", str(ref_out), "--seeds", "0-4,9", "--steps", "4",
-                 "--reference", "--batch-size", "4"]) == 0
+                 "--reference", "--batch-size", "4", *CPU]) == 0
     with np.load(ref_out / "samples.npz") as data:
         assert np.abs(data["arr_0"].astype(int) - arr.astype(int)).max() <= 1
 
@@ -86,7 +88,7 @@ def test_sample_from_run_folder(trained_run, tmp_path, capsys):
 def test_sample_options(trained_run, tmp_path, capsys):
     out = tmp_path / "s"
     assert main(["sample", str(trained_run / "checkpoints" / "step_000004" / "model.safetensors"), "--out",
-                 str(out), "--seeds", "3", "--steps", "2", "--variance", "fixed_small", "--no-clip"]) == 0
+                 str(out), "--seeds", "3", "--steps", "2", "--variance", "fixed_small", "--no-clip", *CPU]) == 0
     printed = capsys.readouterr().out
     assert "fixed_small" in printed and "clip off" in printed and "model weights" in printed
 
@@ -94,7 +96,7 @@ def test_sample_options(trained_run, tmp_path, capsys):
 def test_demo_at_a_tiny_size(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--preset", "tiny", "--steps", "3", "--num-samples", "12",
-            "--sample-steps", "3", "--no-progress"]
+            "--sample-steps", "3", "--no-progress", *CPU]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     for needle in ("Frechet distance", "held-out real digits", "Gaussian fit to pixels", "samples per digit",
@@ -106,7 +108,8 @@ def test_demo_at_a_tiny_size(tmp_path, capsys):
         assert data["arr_0"].shape == (12, 8, 8, 1)
     assert (out / "run" / "checkpoints" / "latest").is_file()
     # the kept run samples through the normal command
-    assert main(["sample", str(out / "run"), "--out", str(tmp_path / "more"), "--seeds", "0-1", "--steps", "2"]) == 0
+    assert main(["sample", str(out / "run"), "--out", str(tmp_path / "more"), "--seeds", "0-1", "--steps", "2",
+                 *CPU]) == 0
     # a second demo reuses the finished run instead of failing on it
     assert main(argv) == 0
     assert "reused the finished run" in capsys.readouterr().out

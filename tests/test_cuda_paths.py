@@ -13,13 +13,9 @@ from ddpm_fast.checks import host_to_device
 from ddpm_fast.sampler import FastSampler, _compile_mode
 from ddpm_fast.training import TrainConfig, Trainer
 from ddpm_fast.unet import UNet, UNetConfig
+from markers import needs_cuda
 
-CUDA = torch.cuda.is_available()
-
-
-def cuda_only(test):
-    """Marked ``cuda`` (selected by ``pytest -m cuda``) and skipped without a GPU."""
-    return pytest.mark.cuda(pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")(test))
+cuda_only = needs_cuda  # marked ``cuda`` (selected by ``pytest -m cuda``) and skipped without a GPU
 
 
 def tiny_unet(seed: int, size: int = 16) -> UNet:
@@ -46,9 +42,13 @@ def test_compile_modes_with_inductor_graphs_are_mapped_or_refused_under_the_samp
 def test_host_to_device_keeps_values_and_leaves_cpu_moves_plain():
     x = torch.arange(5)
     assert host_to_device(x, "cpu") is x
-    if CUDA:
-        y = host_to_device(x, "cuda")
-        assert y.is_cuda and torch.equal(y.cpu(), x)
+
+
+@cuda_only
+def test_cuda_host_to_device_keeps_values():
+    x = torch.arange(5)
+    y = host_to_device(x, "cuda")
+    assert y.is_cuda and torch.equal(y.cpu(), x)
 
 
 # -- training -------------------------------------------------------------------------------------------
@@ -125,8 +125,8 @@ def test_cuda_default_configuration_end_to_end_against_the_fp32_eager_path():
     assert (out - eager).abs().max() > 0  # bf16 really ran
 
 
-@pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@cuda_only  # nearest the test: evaluated first, so a machine without CUDA reports "needs a CUDA GPU"
 def test_cuda_capture_on_the_samplers_device_not_the_current_one():
     model = tiny_unet(seed=13).to("cuda:1")
     schedule = NoiseSchedule.linear(1000)

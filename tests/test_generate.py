@@ -12,6 +12,7 @@ from ddpm_fast.errors import CheckpointError
 from ddpm_fast.generate import generate, load_model_source, parse_seeds, sample_to_folder, write_samples
 from ddpm_fast.schedule import NoiseSchedule
 from ddpm_fast.unet import UNet, UNetConfig
+from tolerances import rounding_response
 
 TINY = UNetConfig.tiny(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16))
 T = 40  # a short schedule keeps full-length sampling cheap
@@ -60,11 +61,14 @@ def test_image_is_a_pure_function_of_its_seed(run_dir):
     together = generate(model, schedule, seeds, steps=10, batch_size=5)
     assert together.shape == (5, 1, 8, 8) and together.dtype == torch.float32
     assert torch.isfinite(together).all() and together.abs().max() <= 1.0
+    # exact noise at any batch size; the convolutions' sums may be blocked by batch size: the bound is the
+    # chain's response to their rounding (tolerances.rounding_response)
+    bound = rounding_response(lambda: generate(model, schedule, seeds, steps=10, batch_size=5), model)
     for batch_size in (1, 2, 3):
         torch.testing.assert_close(generate(model, schedule, seeds, steps=10, batch_size=batch_size), together,
-                                   rtol=0, atol=1e-5)
+                                   rtol=0, atol=bound)
     alone = generate(model, schedule, [17], steps=10)
-    torch.testing.assert_close(alone[0], together[2], rtol=0, atol=1e-5)
+    torch.testing.assert_close(alone[0], together[2], rtol=0, atol=bound)
     assert not torch.allclose(together[0], together[1], atol=1e-2)  # different seeds, different images
 
 
@@ -75,7 +79,10 @@ def test_reference_sampler_matches_fast_sampler(run_dir):
         fast = generate(model, schedule, seeds, steps=steps, variance=variance, clip_x0=clip)
         oracle = generate(model, schedule, seeds, steps=steps, variance=variance, clip_x0=clip, reference=True,
                           batch_size=2)
-        torch.testing.assert_close(fast, oracle, rtol=0, atol=1e-4)
+        # two float32 chains whose model sums differ in order (layout, batch size, time table vs MLP)
+        bound = rounding_response(lambda: generate(model, schedule, seeds, steps=steps, variance=variance,
+                                                   clip_x0=clip), model)
+        torch.testing.assert_close(fast, oracle, rtol=0, atol=bound)
     assert model.training is False
 
 
@@ -139,7 +146,7 @@ def test_write_samples_formats(tmp_path):
 
 
 def test_sample_to_folder_end_to_end(run_dir, tmp_path):
-    result = sample_to_folder(run_dir, tmp_path / "s", [0, 1, 2, 3], steps=5, batch_size=3)
+    result = sample_to_folder(run_dir, tmp_path / "s", [0, 1, 2, 3], steps=5, batch_size=3, device="cpu")
     assert result.num_images == 4 and result.settings["sampler"] == "FastSampler"
     assert result.settings["variance"] == "fixed_large" and result.settings["clip_x0"] is True
     with np.load(result.paths["npz"]) as data:

@@ -14,27 +14,15 @@ pytest.importorskip("triton")
 
 from ddpm_fast import coefficients, philox, reference  # noqa: E402
 from ddpm_fast import kernels  # noqa: E402
-from ddpm_fast.kernels.utils import interpreting  # noqa: E402
 from ddpm_fast.schedule import NoiseSchedule  # noqa: E402
+from markers import KERNEL_DEVICES, needs_cuda  # noqa: E402
+from tolerances import (BOX_MULLER_ATOL, assert_within, output_rounding, q_sample_bound,  # noqa: E402
+                        reverse_update_bound)
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available() or not interpreting(),
-                                                 reason="CPU tensors need the Triton interpreter")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
-]
+DEVICES = KERNEL_DEVICES
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 3, 7, 7), (5, 3, 5, 9), (3, 1, 4, 4), (2, 4, 8, 8)]
 T = 1000
-
-
-def tolerances(dtype):
-    """(rtol, atol) against a float64 oracle fed the same rounded inputs.
-
-    float32: the arithmetic's rounding, amplified at t = T-1 where 1/sqrt(ab) ~ 157 makes predicted x0
-    large before it cancels. Half types: one rounding of the output; the interpreter truncates on
-    fp32 -> bf16 stores, so allow a full ulp (2^-8 relative for bf16, 2^-11 for fp16) and a bit.
-    """
-    return {torch.float32: (1e-5, 5e-5), torch.bfloat16: (1e-2, 1e-3), torch.float16: (2e-3, 1e-4)}[dtype]
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +42,13 @@ def _poisoned_like(x, channels_last=None):
     return out
 
 
-def _assert_matches(actual, expected, dtype):
-    assert torch.isfinite(actual).all(), "NaN/inf in the kernel output (poisoned output not overwritten?)"
-    rtol, atol = tolerances(dtype)
-    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol, atol=atol)
+def _assert_matches(actual, expected, arithmetic):
+    """Against a float64 oracle fed the same rounded inputs: the kernel's float32 arithmetic (a bound from
+    tolerances) plus one rounding of the output to its dtype. NaN (a poisoned output not overwritten) fails."""
+    expected = expected.double().cpu()
+    arithmetic = torch.as_tensor(arithmetic, dtype=torch.float64)
+    bound = arithmetic + output_rounding(expected.abs() + arithmetic, actual.dtype)
+    assert_within(actual, expected, bound, f"kernel, {actual.dtype} out")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,7 +102,7 @@ def test_reverse_update_matches_reference_per_sample_rows(device, dtype, eta, va
                                     out=out, noise=z, clip=1.0 if clip else None)
     assert result is out and result.dtype == dtype
     expected = _reference_step(schedule, timesteps, eta, variance, clip, x, num_rows - 1 - rows, eps, z)
-    _assert_matches(result, expected, dtype)
+    _assert_matches(result, expected, reverse_update_bound(table[rows], x, eps, z))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -127,11 +118,13 @@ def test_reverse_update_layouts_single_row_no_noise(device, shape, layouts, sche
     row = torch.tensor([T - 1 - t], device=device, dtype=torch.int32)
     result = kernels.reverse_update(x, eps, table, row, out=out, clip=1.0)
     expected = reference.reverse_step(x.double().cpu(), t, eps.double().cpu(), schedule, None, clip_x0=True)
-    _assert_matches(result, expected, torch.float32)
+    row64 = coefficients.reverse_table(schedule, clip_x0=True)[T - 1 - t].view(1, -1)
+    bound = reverse_update_bound(row64, x, eps, None)
+    _assert_matches(result, expected, bound)
     # the default output takes x_t's layout
     default = kernels.reverse_update(x, eps, table, row, clip=1.0)
     assert default.is_contiguous(memory_format=torch.channels_last) == (layouts in ("cl", "x-cl") or shape[1] == 1)
-    _assert_matches(default, expected, torch.float32)
+    _assert_matches(default, expected, bound)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -139,7 +132,8 @@ def test_reverse_update_mixed_dtypes(device, schedule):
     """bf16 x_t with float32 eps and z into a float32 output: every operand is upcast, nothing rounds."""
     gen = torch.Generator().manual_seed(4)
     shape = (2, 3, 5, 7)
-    table = coefficients.reverse_table(schedule, variance="fixed_small").to(device=device, dtype=torch.float32)
+    table64 = coefficients.reverse_table(schedule, variance="fixed_small")
+    table = table64.to(device=device, dtype=torch.float32)
     x = _images(shape, torch.bfloat16, device, gen)
     eps = _images(shape, torch.float32, device, gen, channels_last=True)
     z = _images(shape, torch.float16, device, gen)
@@ -148,7 +142,7 @@ def test_reverse_update_mixed_dtypes(device, schedule):
     assert out.dtype == torch.float32
     expected = reference.reverse_step(x.double().cpu(), T - 1 - rows.cpu(), eps.double().cpu(), schedule,
                                       z.double().cpu(), variance="fixed_small")
-    _assert_matches(out, expected, torch.float32)
+    _assert_matches(out, expected, reverse_update_bound(table64[rows.cpu()], x, eps, z))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -161,7 +155,8 @@ def test_reverse_update_in_place_and_clip_radius(device, schedule):
     out_of_place = kernels.reverse_update(x, eps, table, row, clip=0.5)
     x0 = (x * table[4, coefficients.SQRT_RECIP_AB] - eps * table[4, coefficients.SQRT_RECIPM1_AB]).clamp(-0.5, 0.5)
     expected = table[4, coefficients.C_X0] * x0 + table[4, coefficients.C_XT] * x
-    _assert_matches(out_of_place, expected, torch.float32)
+    # both sides float32 (torch's expression here): twice the arithmetic bound
+    _assert_matches(out_of_place, expected, reverse_update_bound(table[4:5].double().cpu(), x, eps, None, sides=2))
     same = kernels.reverse_update(x, eps, table, row, out=x, clip=0.5)
     assert same is x
     torch.testing.assert_close(x, out_of_place, rtol=0, atol=0)
@@ -184,7 +179,9 @@ def test_reverse_update_seeded_noise_is_the_twin(device, dtype, channels_last, s
     out = kernels.reverse_update(x, eps, table, rows, out=_poisoned_like(x), seeds=seeds)
     z = philox.seeded_normal(seeds.cpu(), torch.tensor(steps), 3 * 5 * 9).view(shape)
     expected = _reference_step(schedule, steps, None, "fixed_small", False, x, 3 - rows.cpu(), eps, z)
-    _assert_matches(out, expected, dtype)
+    # the kernel's z is the twin's up to Box-Muller's log/cos (BOX_MULLER_ATOL), scaled by sigma
+    sigma = table64[rows.cpu(), coefficients.SIGMA].view(-1, 1, 1, 1)
+    _assert_matches(out, expected, reverse_update_bound(table64[rows.cpu()], x, eps, z) + sigma * BOX_MULLER_ATOL)
     # the last row (t = 0) adds no noise at all: same bits as with z = 0
     no_noise = kernels.reverse_update(x, eps, table, rows, out=_poisoned_like(x))
     torch.testing.assert_close(out[3], no_noise[3], rtol=0, atol=0)
@@ -193,6 +190,11 @@ def test_reverse_update_seeded_noise_is_the_twin(device, dtype, channels_last, s
 
 # ------------------------------------------------------------------------------------------------
 # q_sample
+
+
+def _q_sample_bound(schedule, t, x0, noise):
+    ab = schedule.alphas_cumprod[t.cpu()]
+    return q_sample_bound(ab.sqrt(), (1 - ab).sqrt(), x0, noise)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -213,7 +215,7 @@ def test_q_sample_matches_reference(device, dtype, shape, layouts, schedule):
                               noise, out=out)
     assert result is out
     expected = reference.q_sample(x0.double().cpu(), t, noise.double().cpu(), schedule)
-    _assert_matches(result, expected, dtype)
+    _assert_matches(result, expected, _q_sample_bound(schedule, t, x0, noise))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -231,15 +233,15 @@ def test_q_sample_seeded_writes_the_noise_it_used(device, dtype, channels_last, 
                                 out=_poisoned_like(x0), seeds=seeds, noise_step=42, noise_out=noise_out)
     assert eps is noise_out and x_t.dtype == dtype
     twin = philox.seeded_normal(seeds.cpu(), torch.tensor([42]), 3 * 7 * 7).view(shape)
-    torch.testing.assert_close(eps.cpu(), twin, rtol=0, atol=2e-6 if device == "cpu" else 2e-5)
+    assert_within(eps, twin, BOX_MULLER_ATOL, "in-kernel noise vs twin")
     expected = reference.q_sample(x0.double().cpu(), t.cpu(), eps.double().cpu(), schedule)
-    _assert_matches(x_t, expected, dtype)
+    _assert_matches(x_t, expected, _q_sample_bound(schedule, t.cpu(), x0, eps))
     # per-sample noise steps as a device tensor
     steps = torch.tensor([1, 2, 3], device=device)
     _, eps_steps = kernels.q_sample(x0, t, tables.sqrt_alphas_cumprod, tables.sqrt_one_minus_alphas_cumprod,
                                     seeds=seeds, noise_step=steps)
     twin_steps = philox.seeded_normal(seeds.cpu(), steps.cpu(), 3 * 7 * 7).view(shape)
-    _assert_matches(eps_steps, twin_steps, dtype)
+    _assert_matches(eps_steps, twin_steps, BOX_MULLER_ATOL)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,7 +283,7 @@ def test_seeded_randn_keying(device):
     assert abs(float(corr[0, 1])) < bound and abs(float(corr[0, 2])) < bound and abs(float(corr[1, 2])) < bound
     # the torch twin reproduces the kernel
     twin = philox.seeded_normal(torch.tensor([1, 2, 3, 7, 9]), torch.tensor([5]), n).view(5, *shape)
-    torch.testing.assert_close(batch.cpu(), twin, rtol=0, atol=2e-6 if device == "cpu" else 2e-5)
+    assert_within(batch, twin, BOX_MULLER_ATOL, "kernel noise vs twin")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -290,7 +292,7 @@ def test_seeded_randn_half_outputs(device, dtype):
     out = torch.full((2, 3, 5, 5), float("nan"), device=device, dtype=dtype)
     z = kernels.seeded_randn(torch.tensor([3, 4], device=device), 9, (3, 5, 5), out=out)
     twin = philox.seeded_normal(torch.tensor([3, 4]), torch.tensor([9]), 75).view(2, 3, 5, 5)
-    _assert_matches(z, twin, dtype)
+    _assert_matches(z, twin, BOX_MULLER_ATOL)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,7 +350,7 @@ def test_q_sample_and_seeded_randn_reject_bad_arguments(device, schedule):
 # CUDA graphs (GPU only): one capture replays every step, reading the step counter from memory
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@needs_cuda
 def test_reverse_update_replays_in_a_cuda_graph(schedule):
     device = "cuda"
     steps = 10

@@ -11,23 +11,20 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before the k
 
 from ddpm_fast import ops, reference  # noqa: E402
 from ddpm_fast.schedule import NoiseSchedule  # noqa: E402
+from markers import KERNEL_DEVICES, needs_cuda  # noqa: E402
+from tolerances import (BOX_MULLER_ATOL, assert_within, output_rounding, q_sample_bound,  # noqa: E402
+                        reverse_update_bound)
+from ddpm_fast.coefficients import reverse_table  # noqa: E402
 
 T = 1000
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+needs_kernels = pytest.mark.skipif(not ops.triton_available(), reason="needs the triton package")
 
 
-def _kernels_runnable() -> bool:
-    if not ops.triton_available():
-        return False
-    if torch.cuda.is_available():
-        return True
-    from ddpm_fast.kernels.utils import interpreting
-
-    return interpreting()
-
-
-needs_kernels = pytest.mark.skipif(not _kernels_runnable(),
-                                   reason="needs triton, and CUDA or TRITON_INTERPRET=1 at import")
+@pytest.fixture(params=KERNEL_DEVICES)
+def device(request):
+    """CPU tensors through the Triton interpreter where there is no CUDA; CUDA tensors (a cuda test)."""
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +37,9 @@ def _no_env_backend(monkeypatch):
     monkeypatch.delenv(ops.ENV_BACKEND, raising=False)
 
 
-def _batch(shape=(3, 3, 7, 5), dtype=torch.float32, seed=0):
+def _batch(device, shape=(3, 3, 7, 5), dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=gen).to(device=DEVICE, dtype=dtype) for _ in range(3)]
+    return [torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(3)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -54,9 +51,14 @@ def test_auto_backend_picks_by_device():
     assert ops.resolve_backend("auto", cpu) == "torch"
     assert ops.resolve_backend("torch", cpu) == "torch"
     assert ops.resolve_backend("auto", cpu.double()) == "torch"
-    if torch.cuda.is_available() and ops.triton_available():
-        assert ops.resolve_backend("auto", cpu.cuda()) == "triton"
-        assert ops.resolve_backend("auto", cpu.cuda().double()) == "torch"  # no float64 kernels
+
+
+@needs_cuda
+@needs_kernels
+def test_auto_backend_picks_triton_on_cuda():
+    x = torch.zeros(1, 1, 1, 1, device="cuda")
+    assert ops.resolve_backend("auto", x) == "triton"
+    assert ops.resolve_backend("auto", x.double()) == "torch"  # no float64 kernels
 
 
 def test_unknown_backend_is_a_value_error(monkeypatch):
@@ -68,8 +70,8 @@ def test_unknown_backend_is_a_value_error(monkeypatch):
 
 
 @needs_kernels
-def test_env_override_beats_the_argument(monkeypatch):
-    x = torch.zeros(1, 1, 1, 1, device=DEVICE)
+def test_env_override_beats_the_argument(monkeypatch, device):
+    x = torch.zeros(1, 1, 1, 1, device=device)
     monkeypatch.setenv(ops.ENV_BACKEND, "triton")
     assert ops.resolve_backend("torch", x) == "triton"
     monkeypatch.setenv(ops.ENV_BACKEND, "torch")
@@ -79,8 +81,8 @@ def test_env_override_beats_the_argument(monkeypatch):
 
 
 @needs_kernels
-def test_env_override_routes_the_call(monkeypatch, schedule):
-    x, e, _ = _batch()
+def test_env_override_routes_the_call(monkeypatch, schedule, device):
+    x, e, _ = _batch(device)
     calls = []
     from ddpm_fast import kernels
 
@@ -94,12 +96,12 @@ def test_env_override_routes_the_call(monkeypatch, schedule):
     assert calls == [1]
 
 
-def test_triton_backend_without_triton_is_a_clear_error(monkeypatch, schedule):
+def test_triton_backend_without_triton_is_a_clear_error(monkeypatch, schedule, device):
     def missing():
         raise ImportError("No module named 'triton'")
 
     monkeypatch.setattr(ops, "_kernels", missing)
-    x, e, _ = _batch()
+    x, e, _ = _batch(device)
     with pytest.raises(ValueError, match="needs the triton package"):
         ops.q_sample(x, 5, e, schedule, backend="triton")
     assert ops.resolve_backend("auto", x) == "torch"
@@ -107,56 +109,71 @@ def test_triton_backend_without_triton_is_a_clear_error(monkeypatch, schedule):
 
 
 @needs_kernels
-def test_triton_backend_rejects_float64():
+def test_triton_backend_rejects_float64(device):
     with pytest.raises(TypeError, match="use backend='torch'"):
-        ops.resolve_backend("triton", torch.zeros(1, 1, 1, 1, dtype=torch.float64, device=DEVICE))
+        ops.resolve_backend("triton", torch.zeros(1, 1, 1, 1, dtype=torch.float64, device=device))
 
 
 # ------------------------------------------------------------------------------------------------
-# the triton path against the float64 reference
+# the triton path against the float64 reference: bounds from tests/tolerances.py
+
+
+def _q_sample_bound(schedule, t, x0, noise, dtype=torch.float32):
+    ab = schedule.alphas_cumprod[t.cpu()]
+    arithmetic = q_sample_bound(ab.sqrt(), (1 - ab).sqrt(), x0, noise)
+    exact = reference.q_sample(x0.double().cpu(), t.cpu(), noise.double().cpu(), schedule)
+    return arithmetic + output_rounding(exact.abs() + arithmetic, dtype)
+
+
+def _update_bound(table64, t, x, eps, z=None):
+    """The float32 table update's bound (tolerances.reverse_update_bound) at model-schedule indices t."""
+    rows = table64.shape[0] - 1 - torch.as_tensor(t).cpu().view(-1)
+    return reverse_update_bound(table64[rows], x, eps, z)
 
 
 @needs_kernels
-@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float32, 1e-5, 5e-5), (torch.bfloat16, 1e-2, 1e-3)])
-def test_q_sample_triton_matches_reference(dtype, rtol, atol, schedule):
-    x, e, _ = _batch(dtype=dtype, seed=1)
-    t = torch.tensor([0, T - 1, 17], device=DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q_sample_triton_matches_reference(dtype, schedule, device):
+    x, e, _ = _batch(device, dtype=dtype, seed=1)
+    t = torch.tensor([0, T - 1, 17], device=device)
     got = ops.q_sample(x, t, e, schedule, backend="triton")
     want = reference.q_sample(x.double(), t, e.double(), schedule)
     assert got.dtype == dtype
-    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
+    assert_within(got, want, _q_sample_bound(schedule, t, x, e, dtype), "q_sample")
 
 
 @needs_kernels
 @pytest.mark.parametrize("variance", ["fixed_large", "fixed_small"])
 @pytest.mark.parametrize("clip_x0", [False, True])
 @pytest.mark.parametrize("with_noise", [False, True])
-def test_reverse_step_triton_matches_reference(variance, clip_x0, with_noise, schedule):
-    x, e, z = _batch(seed=2)
+def test_reverse_step_triton_matches_reference(variance, clip_x0, with_noise, schedule, device):
+    x, e, z = _batch(device, seed=2)
     x = x.to(memory_format=torch.channels_last)
-    t = torch.tensor([T - 1, 0, 500], device=DEVICE)
+    t = torch.tensor([T - 1, 0, 500], device=device)
     noise = z if with_noise else None
     got = ops.reverse_step(x, t, e, schedule, noise, variance=variance, clip_x0=clip_x0, backend="triton")
     want = reference.reverse_step(x.double(), t, e.double(), schedule, None if noise is None else z.double(),
                                   variance=variance, clip_x0=clip_x0)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=5e-5)
+    table64 = reverse_table(schedule, None, variance=variance, clip_x0=clip_x0)
+    assert_within(got, want, _update_bound(table64, t, x, e, noise), "reverse_step")
     # an int t works too (the float64 oracle: the float32 reference loses digits in 1 - ab at small t)
     got_int = ops.reverse_step(x, 3, e, schedule, noise, variance=variance, clip_x0=clip_x0, backend="triton")
     want_int = reference.reverse_step(x.double(), 3, e.double(), schedule, None if noise is None else z.double(),
                                       variance=variance, clip_x0=clip_x0)
-    torch.testing.assert_close(got_int.double(), want_int, rtol=1e-5, atol=5e-5)
+    assert_within(got_int, want_int, _update_bound(table64, 3, x, e, noise), "reverse_step, int t")
 
 
 @needs_kernels
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize("clip_x0", [False, True])
-def test_ddim_step_triton_matches_reference(eta, clip_x0, schedule):
+def test_ddim_step_triton_matches_reference(eta, clip_x0, schedule, device):
     respaced = schedule.respaced(list(range(0, T, 100)))
-    x, e, z = _batch(seed=3)
-    t = torch.tensor([9, 0, 4], device=DEVICE)
+    x, e, z = _batch(device, seed=3)
+    t = torch.tensor([9, 0, 4], device=device)
     got = ops.ddim_step(x, t, e, respaced, z, eta=eta, clip_x0=clip_x0, backend="triton")
     want = reference.ddim_step(x.double(), t, e.double(), respaced, z.double(), eta=eta, clip_x0=clip_x0)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=5e-5)
+    table64 = reverse_table(respaced, None, clip_x0=clip_x0, eta=eta)
+    assert_within(got, want, _update_bound(table64, t, x, e, z), "ddim_step")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,32 +184,41 @@ BACKENDS_RUNNABLE = ["torch", pytest.param("triton", marks=needs_kernels)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS_RUNNABLE)
-def test_q_sample_seeded(backend, schedule):
-    x, _, _ = _batch(seed=4)
-    t = torch.tensor([0, T - 1, 250], device=DEVICE)
+def test_q_sample_seeded(backend, schedule, device):
+    x, _, _ = _batch(device, seed=4)
+    t = torch.tensor([0, T - 1, 250], device=device)
     x_t, eps = ops.q_sample_seeded(x, t, schedule, [7, 8, 9], 123, backend=backend)
-    want_eps = ops.seeded_noise([7, 8, 9], 123, x.shape[1:], device=DEVICE)
-    torch.testing.assert_close(eps, want_eps, rtol=0, atol=2e-6 if DEVICE == "cpu" else 2e-5)
-    torch.testing.assert_close(x_t.double(), reference.q_sample(x.double(), t, eps.double(), schedule),
-                               rtol=1e-5, atol=5e-5)
+    want_eps = ops.seeded_noise([7, 8, 9], 123, x.shape[1:], device=device)
+    if backend == "torch":  # the same function, the same element-wise ops
+        torch.testing.assert_close(eps, want_eps, rtol=0, atol=0)
+    else:  # the kernel's log/cos against the twin's
+        assert_within(eps, want_eps, BOX_MULLER_ATOL, "kernel noise vs twin")
+    assert_within(x_t, reference.q_sample(x.double(), t, eps.double(), schedule), _q_sample_bound(schedule, t, x, eps),
+                  "q_sample_seeded")
 
 
 @pytest.mark.parametrize("backend", BACKENDS_RUNNABLE)
 @pytest.mark.parametrize("clip_x0", [False, True])
-def test_reverse_step_seeded(backend, clip_x0, schedule):
-    x, e, _ = _batch(seed=5)
-    t = torch.tensor([T - 1, 0, 640], device=DEVICE)
-    seeds = torch.tensor([1, 2**32 - 1, 5], device=DEVICE)
+def test_reverse_step_seeded(backend, clip_x0, schedule, device):
+    x, e, _ = _batch(device, seed=5)
+    t = torch.tensor([T - 1, 0, 640], device=device)
+    seeds = torch.tensor([1, 2**32 - 1, 5], device=device)
     got = ops.reverse_step_seeded(x, t, e, schedule, seeds, variance="fixed_small", clip_x0=clip_x0,
                                   backend=backend)
-    z = torch.stack([ops.seeded_noise([int(s)], int(tt), x.shape[1:], device=DEVICE)[0]
+    z = torch.stack([ops.seeded_noise([int(s)], int(tt), x.shape[1:], device=device)[0]
                      for s, tt in zip(seeds.tolist(), t.tolist())])
-    # torch runs the reference itself; the kernel (float64-built table) is held to the float64 oracle,
-    # which the float32 reference misses by ~2e-4 at t = 0 (1 - ab rounded in float32)
+    # torch runs the reference itself (the same float32 expression: equal); the kernel (float64-built
+    # table) is held to the float64 oracle, which the float32 reference misses by ~2e-4 at t = 0 (1 - ab
+    # rounded in float32), within the table update's bound plus sigma times the noise's (log/cos)
     work = torch.float32 if backend == "torch" else torch.float64
     want = reference.reverse_step(x.to(work), t, e.to(work), schedule, z.to(work), variance="fixed_small",
                                   clip_x0=clip_x0)
-    torch.testing.assert_close(got.to(work), want, rtol=1e-5, atol=5e-5)
+    if backend == "torch":
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    else:
+        table64 = reverse_table(schedule, None, variance="fixed_small", clip_x0=clip_x0)
+        sigma = table64[T - 1 - t.cpu(), 6].view(-1, 1, 1, 1)  # column SIGMA
+        assert_within(got, want, _update_bound(table64, t, x, e, z) + sigma * BOX_MULLER_ATOL, "reverse_step_seeded")
 
 
 def test_seeded_noise_forms_and_invariance():
@@ -205,14 +231,14 @@ def test_seeded_noise_forms_and_invariance():
     assert not torch.equal(per_sample[1], a[1])
     half = ops.seeded_noise([3, 7], 10, (2, 3, 4), dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16
-    torch.testing.assert_close(half.float(), a, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(half.float(), a.bfloat16().float(), rtol=0, atol=0)  # the float32 noise, rounded
 
 
 @needs_kernels
-def test_seeded_noise_kernel_backend_equals_twin():
-    twin = ops.seeded_noise([3, 7], 10, (3, 5, 5), device=DEVICE)
-    kern = ops.seeded_noise([3, 7], 10, (3, 5, 5), device=DEVICE, backend="triton")
-    torch.testing.assert_close(kern, twin, rtol=0, atol=2e-6 if DEVICE == "cpu" else 2e-5)
+def test_seeded_noise_kernel_backend_equals_twin(device):
+    twin = ops.seeded_noise([3, 7], 10, (3, 5, 5), device=device)
+    kern = ops.seeded_noise([3, 7], 10, (3, 5, 5), device=device, backend="triton")
+    assert_within(kern, twin, BOX_MULLER_ATOL, "kernel noise vs twin")
 
 
 @pytest.mark.parametrize("seeds,step,error,match", [
@@ -230,8 +256,8 @@ def test_seeded_noise_rejects_bad_keys(seeds, step, error, match):
         ops.seeded_noise(seeds, step, (1, 2, 2))
 
 
-def test_seeded_ops_check_seed_count(schedule):
-    x, e, _ = _batch()
+def test_seeded_ops_check_seed_count(schedule, device):
+    x, e, _ = _batch(device)
     with pytest.raises(ValueError, match=r"one entry per image \(3\)"):
         ops.reverse_step_seeded(x, 5, e, schedule, [1, 2], backend="torch")
     with pytest.raises(ValueError, match=r"one entry per image \(3\)"):
@@ -242,16 +268,16 @@ def test_seeded_ops_check_seed_count(schedule):
 # validation mirrors the reference
 
 
-def _bad_calls(schedule):
-    x, e, z = _batch()
+def _bad_calls(schedule, device):
+    x, e, z = _batch(device)
     return {
         "x 3-D": (lambda f, **k: f(x[0], 1, e[0], schedule, None, **k)),
         "eps shape": (lambda f, **k: f(x, 1, e[:2], schedule, None, **k)),
         "noise shape": (lambda f, **k: f(x, 1, e, schedule, z[:, :2], **k)),
         "int eps": (lambda f, **k: f(x, 1, e.long(), schedule, None, **k)),
         "t range": (lambda f, **k: f(x, T, e, schedule, None, **k)),
-        "t batch": (lambda f, **k: f(x, torch.tensor([1, 2], device=DEVICE), e, schedule, None, **k)),
-        "t float": (lambda f, **k: f(x, torch.ones(3, device=DEVICE), e, schedule, None, **k)),
+        "t batch": (lambda f, **k: f(x, torch.tensor([1, 2], device=device), e, schedule, None, **k)),
+        "t float": (lambda f, **k: f(x, torch.ones(3, device=device), e, schedule, None, **k)),
         "x list": (lambda f, **k: f([1.0], 1, e, schedule, None, **k)),
     }
 
@@ -259,8 +285,8 @@ def _bad_calls(schedule):
 @pytest.mark.parametrize("case", ["x 3-D", "eps shape", "noise shape", "int eps", "t range", "t batch",
                                   "t float", "x list"])
 @pytest.mark.parametrize("backend", BACKENDS_RUNNABLE)
-def test_reverse_step_errors_mirror_reference(case, backend, schedule):
-    call = _bad_calls(schedule)[case]
+def test_reverse_step_errors_mirror_reference(case, backend, schedule, device):
+    call = _bad_calls(schedule, device)[case]
     with pytest.raises((TypeError, ValueError)) as want:
         call(reference.reverse_step)
     with pytest.raises(want.type) as got:
@@ -269,8 +295,8 @@ def test_reverse_step_errors_mirror_reference(case, backend, schedule):
 
 
 @pytest.mark.parametrize("backend", BACKENDS_RUNNABLE)
-def test_variance_and_eta_errors_mirror_reference(backend, schedule):
-    x, e, _ = _batch()
+def test_variance_and_eta_errors_mirror_reference(backend, schedule, device):
+    x, e, _ = _batch(device)
     with pytest.raises(ValueError, match="unknown variance 'large'"):
         ops.reverse_step(x, 1, e, schedule, None, variance="large", backend=backend)
     with pytest.raises(ValueError, match="eta must be >= 0"):

@@ -13,6 +13,7 @@ from ddpm_fast.checkpoint import load_checkpoint
 from ddpm_fast.data import ImageDataset
 from ddpm_fast.errors import DDPMFastError
 from ddpm_fast.training import PRESETS, TrainConfig, Trainer, train
+from tolerances import assert_within, gamma, q_sample_bound
 
 # 8x8 digits, two levels of 8 and 16 channels: a few ms per step on a CPU core.
 SMALL = {"block_out_channels": [8, 16]}
@@ -22,8 +23,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _config(tmp_path, **kw):
+    # device="cpu": these tests mean the CPU path (eager float32); the default would pick CUDA where present
     base = dict(data="digits", out=str(tmp_path / "run"), preset="tiny", steps=6, batch_size=8,
-                save_every=3, log_every=2, progress=False, unet=SMALL)
+                save_every=3, log_every=2, progress=False, unet=SMALL, device="cpu")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -33,15 +35,22 @@ def _config(tmp_path, **kw):
 def test_fast_loss_equals_reference_q_sample_and_mse(tmp_path, batch_size, step):
     trainer = Trainer(_config(tmp_path, batch_size=batch_size))
     x0 = torch.rand(batch_size, 1, 8, 8) * 2 - 1
+    seen = {}
+    hook = trainer.model.register_forward_hook(lambda module, args, out: seen.update(x_t=args[0].detach().clone()))
     loss = trainer.loss_on_batch(x0, step)
+    hook.remove()
 
     # the same t and eps, through the oracle's forward noising and a plain MSE
     t = trainer.timesteps_at(step, batch_size)
     eps = ops.seeded_noise(trainer.noise_seeds(batch_size), step, (1, 8, 8))
-    x_t = reference.q_sample(x0.double(), t, eps.double(), trainer.schedule).float()
-    expected = F.mse_loss(trainer.model(x_t, t), eps)
+    x_t = reference.q_sample(x0.double(), t, eps.double(), trainer.schedule)
+    ab = trainer.schedule.alphas_cumprod[t]
+    # the model's input: the float32 noising against the float64 oracle (tolerances.q_sample_bound) ...
+    assert_within(seen["x_t"], x_t, q_sample_bound(ab.sqrt(), (1 - ab).sqrt(), x0, eps), "x_t")
+    # ... and the loss on that input: the same model and MSE, the same operations: equal
+    expected = F.mse_loss(trainer.model(seen["x_t"], t), eps)
     assert loss.dtype == torch.float32 and loss.ndim == 0 and torch.isfinite(loss)
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
 
 
 def test_noise_and_timesteps_are_keyed_by_seed_and_step(tmp_path):
@@ -78,7 +87,13 @@ def test_one_step_is_adam_with_clipping_and_ema(tmp_path):
     assert delta == pytest.approx(trainer.config.lr, rel=1e-3)
     d = trainer.ema_decay_at(0)
     for k in ema_before:
-        torch.testing.assert_close(trainer.ema.state_dict()[k], d * ema_before[k] + (1 - d) * after[k])
+        a, b = ema_before[k], after[k]
+        if not a.is_floating_point():
+            assert torch.equal(trainer.ema.state_dict()[k], b), k
+            continue
+        # lerp(a, b, 1 - d) against d a + (1 - d) b, both float32 with 1 - d and d rounded: each side is
+        # within 4 roundings of the exact value, gamma_4 (|a| + |b|)
+        assert_within(trainer.ema.state_dict()[k], d * a + (1 - d) * b, 2 * gamma(4) * (a.abs() + b.abs()), k)
 
 
 def _state_tensors(trainer):
@@ -205,7 +220,8 @@ def test_in_memory_dataset_needs_no_data_option(tmp_path):
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     dataset = ImageDataset(images, source="random test images")
     config = TrainConfig(preset="cifar10", out=str(tmp_path / "run"), steps=2, batch_size=4, save_every=0,
-                         sample_every=0, log_every=1, progress=False, unet={**SMALL, "norm_num_groups": 8})
+                         sample_every=0, log_every=1, progress=False, unet={**SMALL, "norm_num_groups": 8},
+                         device="cpu")
     result = train(config, dataset=dataset)
     assert result.step == 2 and math.isfinite(result.final_loss)
     stored = json.loads((tmp_path / "run" / "config.json").read_text())
