@@ -7,7 +7,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-U64 = 2.0 ** -53  # unit round-off of float64
+from tolerances import U
+from tolerances import gamma as _gamma
+
+U64 = U[torch.float64]
 
 
 class TinyExtractor:
@@ -33,8 +36,8 @@ class TinyExtractor:
 
 
 def gamma(n: int) -> float:
-    """Higham's gamma_n = n u / (1 - n u): the relative bound of a float64 sum of n terms in any order."""
-    return n * U64 / (1.0 - n * U64)
+    """Higham's gamma_n in float64 (tolerances.gamma with u = 2^-53): a float64 sum of n terms in any order."""
+    return _gamma(n, U64)
 
 
 def exact_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
