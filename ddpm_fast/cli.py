@@ -1,7 +1,7 @@
-"""The ``ddpm-fast`` command: ``train``, ``sample``, ``demo`` and ``bench``.
+"""The ``ddpm-fast`` command: ``train``, ``sample``, ``fid-stats``, ``fid``, ``demo`` and ``bench``.
 
 Every subcommand is a thin layer over the Python API (``training.train``, ``generate.sample_to_folder``,
-``demo.run_demo``, ``bench.run``). A user error (bad option value, missing or broken file) prints one
+``fid``, ``demo.run_demo``, ``bench.run``). A user error (bad option value, missing or broken file) prints one
 line, ``ddpm-fast: error: ...``, and exits with status 2; argparse does the same for unknown options.
 """
 
@@ -49,6 +49,11 @@ def _add_train(sub) -> None:
     p.add_argument("--no-compile", dest="compile", action="store_false", default=None,
                    help="do not torch.compile the model (compile is on by default on CUDA only)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--fid-every", type=nonnegative_int,
+                   help="every N steps (and at the end) log the FID of EMA samples into log.jsonl (0: off)")
+    p.add_argument("--fid-ref", metavar="REF", help="FID reference: a statistics .npz from fid-stats (or images)")
+    p.add_argument("--fid-samples", type=positive_int, help="samples per FID (default 5000; 50000 for the paper figure)")
+    _add_inception_weights(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     # hidden: shrink the model (e.g. in tests): --unet-channels 16,32
     p.add_argument("--unet-channels", help=argparse.SUPPRESS)
@@ -70,7 +75,9 @@ def _run_train(args) -> int:
                          batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
                          save_every=args.save_every, sample_every=args.sample_every, seed=args.seed,
                          device=args.device, compile=args.compile, resume=args.resume, progress=args.progress,
-                         unet=unet)
+                         unet=unet, fid_every=args.fid_every or 0, fid_ref=args.fid_ref,
+                         inception_weights=args.inception_weights,
+                         **({"fid_samples": args.fid_samples} if args.fid_samples else {}))
     result = train(config)
     if env_rank() != 0:  # rank 0 speaks for the job
         return _stop_status(result.stopped_by) if result.stopped_by else 0
@@ -137,7 +144,17 @@ def _add_sample(sub) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available; cuda:LOCAL_RANK "
                                     "under torchrun)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--fid", metavar="REF",
+                   help="also compute FID against REF (a statistics .npz from fid-stats or pytorch-fid, a samples.npz "
+                        "or an image folder), features taken batch by batch; printed and written to DIR/fid.json")
+    _add_inception_weights(p)
     p.set_defaults(func=_run_sample)
+
+
+def _add_inception_weights(p) -> None:
+    p.add_argument("--inception-weights", metavar="PATH",
+                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: "
+                        "$DDPM_FAST_INCEPTION_WEIGHTS, torch.hub's cache, else torch-fidelity downloads it)")
 
 
 def _run_sample(args) -> int:
@@ -148,10 +165,15 @@ def _run_sample(args) -> int:
     options = {key: value for key, value in (("order", args.solver_order), ("solver_type", args.solver_type),
                                              ("corrector", args.corrector),
                                              ("timestep_spacing", args.timestep_spacing)) if value is not None}
+    fid, fid_hooks = None, {}
+    if args.fid is not None:  # reference and weights first: a bad --fid fails before any sampling
+        fid = _fid_setup(args.fid, args.inception_weights, args.device, args.batch_size)
+        fid_hooks = {"on_batch": lambda images, _seeds: fid["collector"].add_float(images),
+                     "after": lambda group: _combine_fid(fid)}
     result = sample_to_folder(args.source, args.out, seeds, steps=args.steps, variance=args.variance,
                               clip_x0=args.clip, reference=args.reference, batch_size=args.batch_size,
                               png_per_image=args.png_per_image, use_ema=args.ema, device=args.device,
-                              solver=args.solver, solver_options=options, progress=args.progress)
+                              solver=args.solver, solver_options=options, progress=args.progress, **fid_hooks)
     if env_rank() != 0:
         return 0
     s, m = result.settings, result.meta
@@ -164,6 +186,132 @@ def _run_sample(args) -> int:
           f"clip {'on' if s['clip_x0'] else 'off'}, on {s['device']} in {result.seconds:.1f} s")
     print(f"wrote {result.paths['grid']}, {result.paths['npz']} and {result.paths['run']}"
           + (f" and {result.paths['images']}/" if "images" in result.paths else ""))
+    if fid is not None:
+        _finish_sample_fid(args, fid, result)
+    return 0
+
+
+def _fid_setup(ref, weights, device, batch_size) -> dict:
+    """Extractor, reference statistics and an empty collector for ``sample --fid``."""
+    from .fid import DEFAULT_FID_BATCH, FIDCollector, load_extractor, reference_stats
+    from .training import resolve_device
+
+    extractor = load_extractor(weights, device=resolve_device(device))
+    reference = reference_stats(ref, extractor, batch_size or DEFAULT_FID_BATCH)
+    return {"extractor": extractor, "ref": reference, "collector": FIDCollector(extractor)}
+
+
+def _combine_fid(fid: dict) -> dict:
+    """On every rank, inside sample_to_folder's process group: sum the feature statistics over the ranks;
+    rank 0 computes the FID. Returns the entries run.json records (empty on the other ranks)."""
+    import torch.distributed as dist
+
+    from .fid_stats import frechet_distance
+
+    collector, ref = fid["collector"], fid["ref"]
+    mu, sigma = collector.finish()  # every rank takes part in the all_reduce
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return {}
+    return {"fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), "fid_num_samples": collector.stats.n,
+            "fid_ref": ref["path"], "fid_weights_sha256": fid["extractor"].info["weights_sha256"]}
+
+
+def _finish_sample_fid(args, fid: dict, result) -> None:
+    """Rank 0: print the FID and write DIR/fid.json (FID, seeds, steps, solver settings, weights' hash, times)."""
+    from pathlib import Path
+
+    from .checkpoint import write_json_atomic
+
+    ref, value = fid["ref"], result.extra["fid"]
+    record = {"fid": value, "num_samples": result.extra["fid_num_samples"], "seeds": args.seeds,
+              "ref": ref["path"], "ref_kind": ref["kind"], "ref_num_images": ref["n"], "source": result.meta["path"],
+              "weights": result.meta["weights"], "checkpoint_step": result.meta.get("step"), **result.settings,
+              "sample_seconds": result.seconds, "feature_seconds": result.hook_seconds,
+              **{f"inception_{k}" if k != "feature_extractor" else k: v for k, v in fid["extractor"].info.items()}}
+    path = write_json_atomic(Path(args.out) / "fid.json", record)
+    print(f"FID {value:.4f} ({record['num_samples']} samples vs {ref['path']}; sampling {result.seconds:.1f} s, "
+          f"features {result.hook_seconds:.1f} s); wrote {path}")
+
+
+def _add_fid_stats(sub) -> None:
+    p = sub.add_parser("fid-stats", help="Inception statistics (mu, sigma) of a dataset, for FID",
+                       description="Write OUT.npz with mu and sigma (float64, pytorch-fid's keys) of torch-fidelity's "
+                                   "Inception pool3 features of SOURCE: any --data source (a CIFAR-10 batch folder "
+                                   "(training batches), an image folder, an .npz/.npy of images, 'digits').")
+    p.add_argument("source", help="a CIFAR-10 batch folder, an image folder, a samples.npz or other image array file")
+    p.add_argument("--out", required=True, help="the statistics file to write (.npz)")
+    _add_fid_input_options(p)
+    p.set_defaults(func=_run_fid_stats)
+
+
+def _add_fid_input_options(p) -> None:
+    _add_inception_weights(p)
+    p.add_argument("--batch-size", type=positive_int, help="images per Inception batch (default 200)")
+    p.add_argument("--image-size", type=positive_int,
+                   help="resize and center-crop image folders of mixed sizes to this size first")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+
+
+def _run_fid_stats(args) -> int:
+    from pathlib import Path
+
+    from .fid import DEFAULT_FID_BATCH, compute_stats, fid_input, load_extractor
+    from .fid_stats import save_stats
+    from .training import resolve_device
+
+    if Path(args.out).suffix != ".npz":
+        raise ValueError(f"--out must end in .npz (pytorch-fid's statistics format), got {args.out}")
+    item = fid_input(args.source, image_size=args.image_size, strict_npz=False)
+    if item.stats is not None:
+        raise ValueError(f"{args.source} already holds statistics (mu, sigma): pass it to fid --ref directly")
+    extractor = load_extractor(args.inception_weights, device=resolve_device(args.device))
+    mu, sigma, n = compute_stats(item.dataset, extractor, args.batch_size or DEFAULT_FID_BATCH)
+    path = save_stats(args.out, mu, sigma, n=n, weights_sha256=extractor.info["weights_sha256"])
+    print(f"wrote {path}: Inception statistics of {n} images from {item.dataset.source} "
+          f"({mu.shape[0]}-d, weights sha256 {extractor.info['weights_sha256'][:12]})")
+    return 0
+
+
+def _add_fid(sub) -> None:
+    p = sub.add_parser("fid", help="FID between samples and a reference",
+                       description="Print the FID between SAMPLES and REF, each a statistics .npz (mu, sigma), a "
+                                   "samples.npz (arr_0: uint8 NHWC), an image folder or another --data source. "
+                                   "Inception (torch-fidelity) is loaded only when one side holds images.")
+    p.add_argument("samples", help="samples.npz, an image folder or a statistics .npz")
+    p.add_argument("--ref", required=True, help="reference: a statistics .npz (e.g. from fid-stats), images or a folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
+    p.add_argument("--kid", action="store_true",
+                   help="also KID (torch-fidelity's 100 subsets of 1000); both sides must be images, whose features "
+                        "are then kept in memory")
+    _add_fid_input_options(p)
+    p.set_defaults(func=_run_fid)
+
+
+def _run_fid(args) -> int:
+    import json
+
+    from .fid import DEFAULT_FID_BATCH, fid_between, fid_input, load_extractor
+    from .training import resolve_device
+
+    samples = fid_input(args.samples, image_size=args.image_size)
+    ref = fid_input(args.ref, image_size=args.image_size)
+    extractor = None
+    if samples.stats is None or ref.stats is None:
+        extractor = load_extractor(args.inception_weights, device=resolve_device(args.device))
+    if args.kid and (samples.stats is not None or ref.stats is not None):
+        raise ValueError("--kid needs images on both sides (KID is computed from features, not from mu and sigma)")
+    result = fid_between(samples, ref, extractor, args.batch_size or DEFAULT_FID_BATCH, kid=args.kid)
+    result.update(samples=samples.path, ref=ref.path)
+    if extractor is not None:
+        result.update(extractor.info)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        counts = [f"{n} images" if n is not None else "statistics" for n in (result["n_samples"], result["n_ref"])]
+        print(f"FID {result['fid']:.4f}  ({samples.path}: {counts[0]}; {ref.path}: {counts[1]})")
+        if "kid" in result:
+            print(f"KID {result['kid']:.6f} +- {result['kid_std']:.6f}  ({result['kid_subsets']} subsets of "
+                  f"{result['kid_subset_size']})")
     return 0
 
 
@@ -206,16 +354,18 @@ def _add_bench(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of ``ddpm-fast`` (subcommands train, sample, demo and, when present, bench)."""
+    """The argparse parser of ``ddpm-fast`` (subcommands train, sample, fid-stats, fid, demo and, when present, bench)."""
     parser = argparse.ArgumentParser(prog="ddpm-fast", description="Fast, reference-checked DDPM training and "
                                                                    "sampling.")
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"ddpm-fast {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,demo,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,fid-stats,fid,demo,bench}")
     sub.required = True
     _add_train(sub)
     _add_sample(sub)
+    _add_fid_stats(sub)
+    _add_fid(sub)
     _add_demo(sub)
     _add_bench(sub)
     return parser

@@ -274,11 +274,15 @@ def _image_sampler(model, schedule, seeds, *, steps, variance, clip_x0, referenc
     return sample
 
 
-def _generate_dealt(model, schedule, seeds, *, batch_size, group: Group, progress: bool, **options):
+def _generate_dealt(model, schedule, seeds, *, batch_size, group: Group, progress: bool, on_batch=None,
+                    keep: bool = True, **options):
     """This rank's share of the seeds: (positions in ``seeds``, float32 (n, C, H, W) CPU images).
 
     Every rank loops over the same number of batches (:func:`deal`), so the per-batch count of images
     done (one small host-side all_reduce, for the progress bar) keeps the ranks in step.
+    on_batch: ``f(images, batch_seeds)`` called on each of this rank's batches as it comes off the
+    sampler (the hook FID features are taken from). keep: False drops each batch after ``on_batch``
+    (the images returned are then empty): memory holds one batch whatever the number of seeds.
     """
     from tqdm.auto import tqdm
 
@@ -291,8 +295,13 @@ def _generate_dealt(model, schedule, seeds, *, batch_size, group: Group, progres
     try:
         for batch in batches:
             if len(batch):
-                out.append(sample([seeds[i] for i in batch]))
-                positions.extend(batch)
+                chunk = [seeds[i] for i in batch]
+                images = sample(chunk)
+                if on_batch is not None:
+                    on_batch(images, chunk)
+                if keep:
+                    out.append(images)
+                    positions.extend(batch)
             bar.update(group.sum_int(len(batch)))
     finally:
         bar.close()
@@ -362,19 +371,24 @@ def _write_pixels(pixels: np.ndarray, out_dir, *, seeds=None, png_per_image: boo
 
 @dataclass
 class SampleResult:
-    """What :func:`sample_to_folder` did: files written, the settings used and how long it took."""
+    """What :func:`sample_to_folder` did: files written, the settings used and how long it took
+    (``seconds``: sampling; ``hook_seconds``: in ``on_batch``, e.g. FID features; ``extra``: what ``after``
+    returned)."""
 
     paths: dict
     num_images: int
     meta: dict
     settings: dict
     seconds: float
+    hook_seconds: float = 0.0
+    extra: dict | None = None
 
 
 def sample_to_folder(source, out_dir, seeds, *, steps=None, variance: str | None = None,
                      clip_x0: bool | None = None, reference: bool = False, batch_size: int | None = None,
                      png_per_image: bool = False, use_ema: bool = True, device=None,
-                     progress: bool = False, solver=None, solver_options: dict | None = None) -> SampleResult:
+                     progress: bool = False, solver=None, solver_options: dict | None = None,
+                     on_batch=None, after=None) -> SampleResult:
     """Load ``source``, sample one image per seed and write them to ``out_dir`` (see the module docstring),
     with ``out_dir/run.json`` saying what made them.
 
@@ -387,6 +401,10 @@ def sample_to_folder(source, out_dir, seeds, *, steps=None, variance: str | None
     settings); solver_options: keyword arguments of ``solvers.solver_spec`` (order, solver_type,
     corrector, timestep_spacing...), with ``solver`` only. steps: None = all T for ddpm/ddim,
     DEFAULT_SOLVER_STEPS for the multistep solvers. run.json records the solver under "sampling".
+    on_batch: ``f(images, batch_seeds)`` called on every rank for each of its batches as they come off
+    the sampler (float32 (B, C, H, W) CPU images in [-1, 1]), e.g. FID features.
+    after: ``f(group) -> dict`` called on every rank after sampling, inside the process group (so it can
+    combine what on_batch gathered across ranks); rank 0's dict goes into run.json and SampleResult.extra.
     """
     if solver_options and solver is None:
         raise ValueError("solver options (order, type, corrector, spacing) need a solver: pass --solver too")
@@ -406,7 +424,15 @@ def sample_to_folder(source, out_dir, seeds, *, steps=None, variance: str | None
         options = dict(steps=steps, variance=settings["variance"], clip_x0=settings["clip_x0"],
                        reference=reference, batch_size=batch_size, device=device, solver=spec)
         seeds = [int(s) for s in seeds]
-        if group.world_size == 1 and not progress:
+        hook = {"seconds": 0.0}
+        if on_batch is not None:
+            def timed(images, chunk, inner=on_batch):
+                t0 = time.perf_counter()
+                inner(images, chunk)
+                hook["seconds"] += time.perf_counter() - t0
+
+            options["on_batch"] = timed
+        if group.world_size == 1 and not progress and on_batch is None:
             images = generate(model, schedule, seeds, group=group, **options)
             seconds = time.perf_counter() - start
             paths = write_samples(images, out_dir, seeds=seeds, png_per_image=png_per_image)
@@ -414,12 +440,13 @@ def sample_to_folder(source, out_dir, seeds, *, steps=None, variance: str | None
             paths, seconds = _sample_dealt_to_folder(model, schedule, seeds, out_dir, group=group,
                                                      png_per_image=png_per_image, progress=progress,
                                                      start=start, **options)
+        extra = after(group) if after is not None else None
         if group.is_main:
             paths["run"] = write_run_record(out_dir, source=source, meta=meta, settings=settings, seeds=seeds,
                                             batch_size=batch_size, world_size=group.world_size,
-                                            backend=group.backend, seconds=time.perf_counter() - start)
+                                            backend=group.backend, seconds=time.perf_counter() - start, extra=extra)
         group.barrier()  # no rank leaves before the folder is complete
-        return SampleResult(paths, len(seeds), meta, settings, seconds)
+        return SampleResult(paths, len(seeds), meta, settings, seconds - hook["seconds"], hook["seconds"], extra)
 
 
 def _sample_dealt_to_folder(model, schedule, seeds, out_dir, *, group: Group, png_per_image: bool,

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from .errors import DataError
+from .fid_stats import RunningStats, frechet_distance  # the FID's statistics and distance, shared
 
 __all__ = [
     "DigitsFeatureNet",
@@ -142,37 +143,14 @@ def _features(net: DigitsFeatureNet, x: torch.Tensor) -> tuple[np.ndarray, np.nd
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (D,) and unbiased covariance (D, D), float64, of (N, D) features (N >= 2)."""
+    """Mean (D,) and unbiased covariance (D, D), float64, of (N, D) features (N >= 2).
+
+    The same running float64 sums as the Inception FID (:class:`ddpm_fast.fid_stats.RunningStats`).
+    """
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
         raise ValueError(f"features must be (N, D) with N >= 2, got shape {f.shape}")
-    return f.mean(0), np.cov(f, rowvar=False)
-
-
-def _psd_sqrt(s: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((s + s.T) * 0.5)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
-
-    FD = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2), with the symmetric square roots
-    taken by eigendecomposition (no SciPy needed; exact for the symmetric PSD matrices covariances are,
-    where scipy.linalg.sqrtm of S1 S2 can return complex round-off). mu: (D,), sigma: (D, D); float64 math.
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    d = mu1.shape[0] if mu1.ndim == 1 else -1
-    if mu1.shape != mu2.shape or mu1.ndim != 1 or s1.shape != (d, d) or s2.shape != (d, d):
-        raise ValueError(f"frechet_distance needs means (D,) and covariances (D, D) of one D, got "
-                         f"{mu1.shape}, {s1.shape}, {mu2.shape}, {s2.shape}")
-    r1 = _psd_sqrt(s1)
-    middle = r1 @ s2 @ r1
-    eig = np.linalg.eigvalsh((middle + middle.T) * 0.5)
-    tr_cross = np.sqrt(np.clip(eig, 0.0, None)).sum()
-    fd = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2.0 * tr_cross)
-    return max(fd, 0.0)  # round-off can make identical distributions a hair negative
+    return RunningStats(f.shape[1]).update(f).mean_cov()
 
 
 def _as_digit_batch(samples) -> torch.Tensor:

@@ -104,6 +104,9 @@ class TrainConfig:
     num_timesteps / schedule: T and "linear" (Ho) or "cosine". flip: random horizontal flips.
     unet: UNetConfig field overrides (e.g. {"block_out_channels": [16, 32]}).
     resume: continue the run in ``out`` if it has a checkpoint.
+    fid_every / fid_ref / fid_samples / inception_weights: every ``fid_every`` steps (and at the end; 0: off)
+    log the FID of ``fid_samples`` EMA samples (seeds 0.., ``sample_steps`` steps) against ``fid_ref``
+    (see ``ddpm_fast.fid``) into log.jsonl, with torch-fidelity's Inception from ``inception_weights``.
     """
 
     data: str | None = None
@@ -135,6 +138,10 @@ class TrainConfig:
     unet: dict = field(default_factory=dict)
     resume: bool = False
     progress: bool = True
+    fid_every: int = 0
+    fid_ref: str | None = None
+    fid_samples: int = 5000
+    inception_weights: str | None = None
 
     def resolved(self) -> "TrainConfig":
         """A copy with every None replaced by the preset's (or the device's) default, validated."""
@@ -172,6 +179,10 @@ class TrainConfig:
             positive_int(name, 0)
         if self.sample_steps is not None:
             positive_int("sample_steps")
+        positive_int("fid_every", 0)
+        positive_int("fid_samples", 2)
+        if self.fid_every and not self.fid_ref:
+            raise ValueError("fid_every needs a reference: pass --fid-ref (a statistics .npz from ddpm-fast fid-stats)")
         for name in ("lr", "grad_clip"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not (v > 0 and math.isfinite(v)):
@@ -461,7 +472,8 @@ def _prepare_config(config: TrainConfig) -> tuple[TrainConfig, Path | None]:
                                 "or start a new run with another --out")
     # Settings that may change between sessions: length, cadence, device and speed knobs.
     for name in ("steps", "save_every", "sample_every", "sample_steps", "log_every", "keep_checkpoints",
-                 "compile", "dtype", "channels_last", "device", "progress", "num_sample_images"):
+                 "compile", "dtype", "channels_last", "device", "progress", "num_sample_images",
+                 "fid_every", "fid_ref", "fid_samples", "inception_weights"):
         value = getattr(config, name)
         default = TrainConfig.__dataclass_fields__[name].default
         if name in ("compile", "dtype", "channels_last", "device"):
@@ -483,12 +495,13 @@ class _JsonlLog:
             f.write(json.dumps(record) + "\n")
 
 
-def train(config: TrainConfig, *, dataset=None, on_log=None) -> RunResult:
+def train(config: TrainConfig, *, dataset=None, on_log=None, fid_extractor=None) -> RunResult:
     """Run (or, with ``config.resume``, continue) a training run in ``config.out``.
 
     Writes config.json, log.jsonl, checkpoints every ``save_every`` steps and at the end, and sample
     grids every ``sample_every`` steps. dataset: an already loaded ``ImageDataset`` (skips loading
     ``config.data``). on_log: optional callback receiving each log record (a dict; rank 0 only).
+    fid_extractor: the feature extractor for ``fid_every`` (default: torch-fidelity's Inception).
     Returns a :class:`RunResult`.
 
     Under torchrun (or in a process group the caller initialized) every rank runs this: ``batch_size``
@@ -502,10 +515,11 @@ def train(config: TrainConfig, *, dataset=None, on_log=None) -> RunResult:
     with process_group(config.device) as group:
         config = dataclasses.replace(config, device=str(group.device))
         with collective_errors("training"):
-            return _train_in_group(config, existing, group, dataset, on_log)
+            return _train_in_group(config, existing, group, dataset, on_log, fid_extractor)
 
 
-def _train_in_group(config: TrainConfig, existing: Path | None, group: Group, dataset, on_log) -> RunResult:
+def _train_in_group(config: TrainConfig, existing: Path | None, group: Group, dataset, on_log,
+                    fid_extractor=None) -> RunResult:
     from tqdm.auto import tqdm
 
     run_dir = Path(config.out)
@@ -514,6 +528,7 @@ def _train_in_group(config: TrainConfig, existing: Path | None, group: Group, da
     if existing is not None:
         trainer.load_state(load_checkpoint(existing, with_state=True, map_location="cpu"))
         resumed_from = trainer.step
+    fid = _TrainingFID(config, trainer.device, fid_extractor) if config.fid_every else None  # fails before training
     main = group.is_main
     log = _JsonlLog(run_dir / "log.jsonl")
     if main:
@@ -578,6 +593,12 @@ def _train_in_group(config: TrainConfig, existing: Path | None, group: Group, da
                     break
                 if config.sample_every and (step % config.sample_every == 0 or step == steps):
                     _write_training_grid(trainer, run_dir, step)
+                if fid is not None and (step % config.fid_every == 0 or step == steps):
+                    record = fid(trainer, step)  # every rank samples its share; the sums are combined
+                    if main:
+                        log.write(record)
+                        if on_log is not None:
+                            on_log(record)
                 window_io += time.perf_counter() - io_start
     finally:
         bar.close()
@@ -587,6 +608,27 @@ def _train_in_group(config: TrainConfig, existing: Path | None, group: Group, da
     return RunResult(run_dir, trainer.step, final_loss, train_seconds,
                      images / train_seconds if train_seconds else 0.0, checkpoint, resumed_from,
                      stopped_by, group.world_size)
+
+
+class _TrainingFID:
+    """FID of the EMA model's samples during training: the reference statistics and the extractor are
+    loaded once, at the start (a bad --fid-ref or missing weights fail before any training step)."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, extractor=None):
+        from .fid import load_extractor, reference_stats
+
+        self.extractor = extractor if extractor is not None else load_extractor(config.inception_weights, device)
+        self.ref = reference_stats(config.fid_ref, self.extractor)
+
+    def __call__(self, trainer: Trainer, step: int) -> dict:
+        from .fid import sample_fid
+
+        config = trainer.config
+        with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
+            result = sample_fid(trainer.ema, trainer.schedule, self.ref, self.extractor, range(config.fid_samples),
+                                steps=config.sample_steps, device=trainer.device, sampler_options={"compile": False})
+        return {"event": "fid", "step": step, **result, "ref": self.ref["path"],
+                "sample_steps": config.sample_steps or config.num_timesteps, "time": time.time()}
 
 
 def _write_training_grid(trainer: Trainer, run_dir: Path, step: int) -> Path | None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_helpers import error_line as _error_line
 from ddpm_fast.cli import build_parser, main
 
 # --device cpu everywhere: these are CPU tests (the default would train compiled in bf16 on a GPU)
@@ -25,13 +26,6 @@ def trained_run(tmp_path_factory):
     assert main(["train", "--data", "digits", "--out", str(run), "--steps", "4", "--save-every", "2", *TINY]) == 0
     return run
 
-
-def _error_line(capsys):
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ddpm-fast: error: "), err
-    return lines[0]
 
 
 def test_train_writes_a_run_folder(trained_run, capsys):

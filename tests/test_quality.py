@@ -67,7 +67,7 @@ def test_matches_scipy_sqrtm(d, rank):
 
 
 def test_frechet_distance_shape_checks():
-    with pytest.raises(ValueError, match="means \\(D,\\) and covariances \\(D, D\\)"):
+    with pytest.raises(ValueError, match="different dimensions"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
     with pytest.raises(ValueError, match="N >= 2"):
         feature_statistics(np.zeros((1, 4)))
