@@ -194,7 +194,7 @@ def _run_sample(args) -> int:
 def _fid_setup(ref, weights, device, batch_size) -> dict:
     """Extractor, reference statistics and an empty collector for ``sample --fid``."""
     from .fid import DEFAULT_FID_BATCH, FIDCollector, load_extractor, reference_stats
-    from .training import resolve_device
+    from .distributed import resolve_device
 
     extractor = load_extractor(weights, device=resolve_device(device))
     reference = reference_stats(ref, extractor, batch_size or DEFAULT_FID_BATCH)
@@ -257,7 +257,7 @@ def _run_fid_stats(args) -> int:
 
     from .fid import DEFAULT_FID_BATCH, compute_stats, fid_input, load_extractor
     from .fid_stats import save_stats
-    from .training import resolve_device
+    from .distributed import resolve_device
 
     if Path(args.out).suffix != ".npz":
         raise ValueError(f"--out must end in .npz (pytorch-fid's statistics format), got {args.out}")
@@ -291,7 +291,7 @@ def _run_fid(args) -> int:
     import json
 
     from .fid import DEFAULT_FID_BATCH, fid_between, fid_input, load_extractor
-    from .training import resolve_device
+    from .distributed import resolve_device
 
     samples = fid_input(args.samples, image_size=args.image_size)
     ref = fid_input(args.ref, image_size=args.image_size)

@@ -292,6 +292,10 @@ def process_group(device=None):
         group = Group(dist.get_rank(), _env_int("LOCAL_RANK", 0), dist.get_world_size(), device, backend,
                       _cpu_group(backend))
         yield group
+        # every rank reaches teardown before any closes its connections: a rank still inside its last
+        # collective (or gloo's connection threads) must not see its peer vanish (not on errors: a dead
+        # peer would make this wait for the timeout)
+        group.barrier()
     finally:
         _CPU_GROUPS.clear()
         try:
