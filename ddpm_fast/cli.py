@@ -136,7 +136,7 @@ def _add_sample(sub) -> None:
                    help="clip the predicted x0 to [-1, 1] each step (the default)")
     p.add_argument("--no-clip", dest="clip", action="store_false")
     p.add_argument("--batch-size", type=positive_int, help="images per batch (does not change the images)")
-    p.add_argument("--png-per-image", action="store_true", help="also write DIR/images/seedNNNNNN.png")
+    p.add_argument("--png-per-image", action="store_true", help="also write DIR/images/NNNNNN.png, named by seed")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
     p.add_argument("--reference", action="store_true",
                    help="sample with the oracle (reference.sample, reference.solver_sample for the multistep "

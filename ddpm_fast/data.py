@@ -724,7 +724,7 @@ def save_pngs(images_uint8_nhwc, folder, names: Sequence[str] | None = None, sca
     Args:
         images_uint8_nhwc: uint8 (N, H, W, C) array or tensor, C = 1 or 3.
         folder: the output folder.
-        names: N file stems (e.g. ``f"seed{s}"``); None gives 000000, 000001, ...
+        names: N file stems (e.g. ``f"{seed:06d}"``); None gives 000000, 000001, ...
         scale: integer nearest-neighbour upscaling.
 
     Returns the written paths, in order.

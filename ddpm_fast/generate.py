@@ -21,8 +21,10 @@ from __future__ import annotations
 import json
 import platform
 import re
+import shutil
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,7 +277,7 @@ def _image_sampler(model, schedule, seeds, *, steps, variance, clip_x0, referenc
 
 
 def _generate_dealt(model, schedule, seeds, *, batch_size, group: Group, progress: bool, on_batch=None,
-                    keep: bool = True, **options):
+                    keep: bool = True, on_round=None, **options):
     """This rank's share of the seeds: (positions in ``seeds``, float32 (n, C, H, W) CPU images).
 
     Every rank loops over the same number of batches (:func:`deal`), so the per-batch count of images
@@ -283,6 +285,8 @@ def _generate_dealt(model, schedule, seeds, *, batch_size, group: Group, progres
     on_batch: ``f(images, batch_seeds)`` called on each of this rank's batches as it comes off the
     sampler (the hook FID features are taken from). keep: False drops each batch after ``on_batch``
     (the images returned are then empty): memory holds one batch whatever the number of seeds.
+    on_round: ``f(images or None, batch)`` called on every rank at every round, in step (None when this
+    rank's batch of the round is empty), for per-round collectives such as gathering the images.
     """
     from tqdm.auto import tqdm
 
@@ -302,6 +306,8 @@ def _generate_dealt(model, schedule, seeds, *, batch_size, group: Group, progres
                 if keep:
                     out.append(images)
                     positions.extend(batch)
+            if on_round is not None:
+                on_round(images if len(batch) else None, batch)
             bar.update(group.sum_int(len(batch)))
     finally:
         bar.close()
@@ -329,7 +335,7 @@ def _in_seed_order(group: Group, rows: torch.Tensor, positions: list[int], total
 
 def write_samples(images: torch.Tensor, out_dir, *, seeds=None, png_per_image: bool = False,
                   grid_scale: int | None = None) -> dict[str, Path]:
-    """Write ``out_dir/grid.png``, ``out_dir/samples.npz`` and optionally ``out_dir/images/seedNNNNNN.png``.
+    """Write ``out_dir/grid.png``, ``out_dir/samples.npz`` and optionally ``out_dir/images/NNNNNN.png`` (the seed).
 
     images: float (N, C, H, W) in [-1, 1]. samples.npz holds ``arr_0``: uint8 (N, H, W, C), the layout of
     guided-diffusion's evaluator; it is written to a temporary file and renamed into place.
@@ -344,7 +350,7 @@ def write_samples(images: torch.Tensor, out_dir, *, seeds=None, png_per_image: b
 
 
 def _png_names(seeds) -> list[str]:
-    return [f"seed{s:06d}" for s in seeds]
+    return [f"{s:06d}" for s in seeds]  # EDM's {seed:06d}.png
 
 
 def _write_pixels(pixels: np.ndarray, out_dir, *, seeds=None, png_per_image: bool = False,
@@ -432,14 +438,9 @@ def sample_to_folder(source, out_dir, seeds, *, steps=None, variance: str | None
                 hook["seconds"] += time.perf_counter() - t0
 
             options["on_batch"] = timed
-        if group.world_size == 1 and not progress and on_batch is None:
-            images = generate(model, schedule, seeds, group=group, **options)
-            seconds = time.perf_counter() - start
-            paths = write_samples(images, out_dir, seeds=seeds, png_per_image=png_per_image)
-        else:
-            paths, seconds = _sample_dealt_to_folder(model, schedule, seeds, out_dir, group=group,
-                                                     png_per_image=png_per_image, progress=progress,
-                                                     start=start, **options)
+        paths, seconds = _sample_dealt_to_folder(model, schedule, seeds, out_dir, group=group,
+                                                 png_per_image=png_per_image, progress=progress,
+                                                 start=start, **options)
         extra = after(group) if after is not None else None
         if group.is_main:
             paths["run"] = write_run_record(out_dir, source=source, meta=meta, settings=settings, seeds=seeds,
@@ -449,22 +450,64 @@ def sample_to_folder(source, out_dir, seeds, *, steps=None, variance: str | None
         return SampleResult(paths, len(seeds), meta, settings, seconds - hook["seconds"], hook["seconds"], extra)
 
 
+GRID_MAX_IMAGES = 1024  # grid.png shows the first images of a large run, not all 50,000
+
+
 def _sample_dealt_to_folder(model, schedule, seeds, out_dir, *, group: Group, png_per_image: bool,
                             progress: bool, start: float, **options) -> tuple[dict, float]:
-    """Each rank samples its share and writes its own PNGs; rank 0 gathers the uint8 images (a quarter
-    of the floats' bytes) and writes samples.npz and grid.png. Returns (paths, sampling seconds)."""
-    from .data import save_pngs, to_uint8_nhwc
+    """Sample and write as the batches come: memory holds one round of batches, whatever the number of seeds.
 
-    positions, images = _generate_dealt(model, schedule, seeds, group=group, progress=progress, **options)
-    pixels = torch.from_numpy(to_uint8_nhwc(images))
-    paths = {}
-    if png_per_image:
-        save_pngs(pixels.numpy(), Path(out_dir) / "images", names=_png_names([seeds[i] for i in positions]))
-        paths["images"] = Path(out_dir) / "images"
-    everything = _in_seed_order(group, pixels, positions, len(seeds), to_all=False)
-    seconds = time.perf_counter() - start
-    if group.is_main:
-        paths.update(_write_pixels(everything.numpy(), out_dir))
+    Every rank samples its dealt batches and writes its own PNGs. After each round rank 0 receives the
+    round's images as uint8 (a quarter of the floats' bytes) and puts them at their seeds' positions of a
+    memory-mapped (N, H, W, C) array on disk; at the end that array becomes samples.npz (stored, not
+    compressed, as np.savez writes it; via a temporary file renamed into place) and its first
+    GRID_MAX_IMAGES images grid.png. Returns (paths, sampling seconds).
+    """
+    import tempfile
+
+    from .data import save_grid, save_pngs, to_uint8_nhwc
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    size = config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    shape = (len(seeds), height, width, config.in_channels)
+    spool = Path(tempfile.mkstemp(dir=out_dir, prefix=".samples-", suffix=".npy")[1]) if group.is_main else None
+    try:
+        array = np.lib.format.open_memmap(spool, mode="w+", dtype=np.uint8, shape=shape) if spool else None
+
+        def on_round(images, batch):
+            pixels = to_uint8_nhwc(images) if images is not None else np.zeros((0, *shape[1:]), np.uint8)
+            if png_per_image and len(batch):
+                save_pngs(pixels, out_dir / "images", names=_png_names([seeds[i] for i in batch]))
+            every_position = group.all_objects(list(batch))
+            rows = group.gather_rows(torch.from_numpy(pixels), [len(p) for p in every_position], to_all=False)
+            if rows is not None and rows.shape[0]:
+                array[[p for ps in every_position for p in ps]] = rows.numpy()
+
+        _generate_dealt(model, schedule, seeds, group=group, progress=progress, keep=False, on_round=on_round,
+                        **options)
+        seconds = time.perf_counter() - start
+        paths = {"images": out_dir / "images"} if png_per_image else {}
+        if spool is not None:
+            array.flush()
+            del array
+
+            def write_npz(tmp: Path) -> None:  # arr_0.npy stored in a zip, as np.savez writes it
+                # a fixed date and zip64 always: the same images give the same bytes, run after run
+                entry = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as npz, \
+                        npz.open(entry, "w", force_zip64=True) as dst, open(spool, "rb") as src:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+
+            paths["npz"] = atomic_write(out_dir / "samples.npz", write_npz)
+            first = np.load(spool, mmap_mode="r")[:GRID_MAX_IMAGES]
+            paths["grid"] = save_grid(np.ascontiguousarray(first), out_dir / "grid.png",
+                                      scale=max(1, 32 // height))
+    finally:
+        if spool is not None:
+            spool.unlink(missing_ok=True)
     return paths, seconds
 
 

@@ -76,7 +76,7 @@ def test_sample_from_run_folder(trained_run, tmp_path, capsys):
         arr = data["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (6, 8, 8, 1)
     assert Image.open(out / "grid.png").mode == "L"
-    assert (out / "images" / "seed000009.png").is_file()
+    assert (out / "images" / "000009.png").is_file()
     # the same seeds at another batch size, through the oracle: the same images (to uint8 rounding)
     ref_out = tmp_path / "ref"
     assert main(["sample", str(trained_run), "--out", str(ref_out), "--seeds", "0-4,9", "--steps", "4",

@@ -140,8 +140,8 @@ def test_write_samples_formats(tmp_path):
     assert np.array_equal(arr, expected.astype(np.uint8))
     assert Image.open(paths["grid"]).size[0] > 8 * 3
     pngs = sorted(p.name for p in paths["images"].iterdir())
-    assert pngs == [f"seed{s:06d}.png" for s in range(10, 15)]
-    assert np.array_equal(np.asarray(Image.open(paths["images"] / "seed000012.png")), arr[2, :, :, 0])
+    assert pngs == [f"{s:06d}.png" for s in range(10, 15)]
+    assert np.array_equal(np.asarray(Image.open(paths["images"] / "000012.png")), arr[2, :, :, 0])
     assert not list((tmp_path / "out").glob("*.tmp"))
 
 
@@ -151,6 +151,25 @@ def test_sample_to_folder_end_to_end(run_dir, tmp_path):
     assert result.settings["variance"] == "fixed_large" and result.settings["clip_x0"] is True
     with np.load(result.paths["npz"]) as data:
         assert data["arr_0"].shape == (4, 8, 8, 1)
+
+
+def test_sample_to_folder_streams_the_same_pixels_as_generate(run_dir, tmp_path, monkeypatch):
+    """samples.npz is filled batch by batch through a memory-mapped spool: the same uint8 images as
+    generate() + write_samples, in seed order, the spool gone, the grid capped at GRID_MAX_IMAGES."""
+    import ddpm_fast.generate as generate_module
+    from ddpm_fast.data import to_uint8_nhwc
+
+    monkeypatch.setattr(generate_module, "GRID_MAX_IMAGES", 4)
+    seeds = [9, 3, 7, 1, 5, 11, 2]
+    result = sample_to_folder(run_dir, tmp_path / "s", seeds, steps=5, batch_size=3, device="cpu")
+    model, schedule, _ = load_model_source(run_dir)
+    expected = to_uint8_nhwc(generate(model, schedule, seeds, steps=5, batch_size=7, device="cpu"))
+    with np.load(result.paths["npz"]) as data:
+        assert list(data.keys()) == ["arr_0"] and np.array_equal(data["arr_0"], expected)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["grid.png", "run.json", "samples.npz"]
+    assert Image.open(result.paths["grid"]).size == Image.open(
+        write_samples(torch.from_numpy(expected[:4]).permute(0, 3, 1, 2).float() / 127.5 - 1,
+                      tmp_path / "w")["grid"]).size
 
 
 def test_bad_sources_raise_checkpoint_errors(tmp_path, run_dir):
