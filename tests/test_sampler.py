@@ -13,7 +13,8 @@ from ddpm_fast import NoiseSchedule, ops, reference
 from ddpm_fast.sampler import FastSampler, reverse_update_torch
 from ddpm_fast.unet import UNet, UNetConfig
 from markers import needs_cuda
-from tolerances import assert_within, projection_rounding_bound, reverse_update_bound, rounding_response
+from tolerances import (BOX_MULLER_ATOL, assert_within, projection_rounding_bound, reverse_update_bound,
+                        rounding_response)
 
 
 
@@ -356,11 +357,19 @@ def test_fused_kernel_under_the_triton_interpreter(unet, monkeypatch):
         pytest.skip("needs TRITON_INTERPRET=1 (set by conftest on machines without CUDA)")
     pytest.importorskip("triton")
     schedule = NoiseSchedule.linear(1000)
-    torch_path = FastSampler(unet, schedule, timesteps=4, clip_x0=True, fused_update=False).sample(seeds=[3, 9])
+
+    def torch_run():
+        return FastSampler(unet, schedule, timesteps=4, clip_x0=True, fused_update=False).sample(seeds=[3, 9])
+
+    torch_path = torch_run()
+    # what differs: the update's float32 order (kernel vs twin: both within gamma_8 S, so 2 sides) and z
+    # (the kernel's Box-Muller through the interpreter's numpy log/cos against torch's); the model is the
+    # same eager network on both sides
+    bound = rounding_response(torch_run, unet, sides=0, update_sides=2, noise_atol=BOX_MULLER_ATOL)
     monkeypatch.setenv("DDPM_FAST_BACKEND", "triton")
     fused = FastSampler(unet, schedule, timesteps=4, clip_x0=True, fused_update=True)
     assert fused.settings["update"] == "triton"
-    torch.testing.assert_close(fused.sample(seeds=[3, 9]), torch_path, rtol=1e-4, atol=1e-4)
+    assert_within(fused.sample(seeds=[3, 9]), torch_path, bound, "fused update vs torch twin")
 
 
 def test_torch_compile_on_cpu_matches_eager():

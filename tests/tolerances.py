@@ -201,13 +201,15 @@ def _random_or(sign, like: torch.Tensor):
 
 
 @contextmanager
-def _shifted_update(sign, scale: float):
+def _shifted_update(sign, scale: float, noise_atol: float = 0.0):
     """FastSampler's float32 table update (``sampler.reverse_update_torch``, the CPU path) moved by
     sign * scale * its bound: ``reverse_update_bound`` (gamma_8 S) plus u |out| for the float32 x
-    that the model reads."""
+    that the model reads; plus sign * sigma * noise_atol where noise is added (z drawn by another
+    implementation, e.g. the kernel's Philox against its torch twin: ``BOX_MULLER_ATOL``)."""
+    from ddpm_fast import coefficients as C
     from ddpm_fast import sampler as sampler_module
 
-    if scale == 0:
+    if scale == 0 and noise_atol == 0:
         yield
         return
     original = sampler_module.reverse_update_torch
@@ -215,8 +217,11 @@ def _shifted_update(sign, scale: float):
     def shifted(x_t, eps, table, row, noise=None, clip=None):
         out = original(x_t, eps, table, row, noise, clip)
         bound = reverse_update_bound(table.index_select(0, row).double().cpu(), x_t, eps, noise)
-        bound = bound + U32 * out.double().cpu().abs()
-        return out + (_random_or(sign, out) * scale * bound.to(out.device)).to(out.dtype)
+        bound = scale * (bound + U32 * out.double().cpu().abs())
+        if noise is not None and noise_atol:
+            sigma = table.index_select(0, row).double().cpu()[:, C.SIGMA].abs().view(-1, 1, 1, 1)
+            bound = bound + sigma * noise_atol
+        return out + (_random_or(sign, out) * bound.to(out.device)).to(out.dtype)
 
     sampler_module.reverse_update_torch = shifted
     try:
@@ -226,7 +231,7 @@ def _shifted_update(sign, scale: float):
 
 
 def rounding_response(run, model: torch.nn.Module, sides: int = 2, signs=(1.0, -1.0, 0),
-                      max_fraction: float = 1e-2, update_sides: int = 0) -> float:
+                      max_fraction: float = 1e-2, update_sides: int = 0, noise_atol: float = 0.0) -> float:
     """How far ``run()`` (a forward or sampling chain through ``model``) moves when every Conv2d, Linear
     and GroupNorm output of ``model`` moves by ``sides`` times its own rounding bound, in either direction
     or with random signs: the bound for comparing two evaluations (``sides=2``) or one against the exact
@@ -241,7 +246,8 @@ def rounding_response(run, model: torch.nn.Module, sides: int = 2, signs=(1.0, -
 
     update_sides > 0: ``run`` samples with a FastSampler on the CPU (torch update) and is compared with
     another chain (an oracle): its per-step update moves too, by update_sides times its float32 bound
-    (1 against a float64 update, 2 against a float32 one).
+    (1 against a float64 update, 2 against a float32 one). noise_atol: the other chain's z differs by up
+    to this much per element (another implementation of the same noise): sigma * noise_atol per step.
     """
     dtype = next(model.parameters()).dtype
     u = U[dtype] / (1 - 5000 * U[dtype])  # gamma_n <= n times this for every n <= 5000 (the largest K here)
@@ -249,7 +255,7 @@ def rounding_response(run, model: torch.nn.Module, sides: int = 2, signs=(1.0, -
         base = run().double()
         response = 0.0
         for sign in signs:
-            with _shifted(model, sign, sides * u), _shifted_update(sign, float(update_sides)):
+            with _shifted(model, sign, sides * u), _shifted_update(sign, float(update_sides), noise_atol):
                 moved = run().double()
             response = max(response, (moved - base).abs().max().item())
     scale = base.abs().max().item()
