@@ -32,7 +32,7 @@ import torch
 
 from . import coefficients as coef
 from . import ops, philox, solvers
-from .checks import check_variance, model_device, resolve_timesteps
+from .checks import check_variance, host_to_device, model_device, resolve_timesteps
 from .schedule import NoiseSchedule
 
 __all__ = ["FastSampler", "reverse_update_torch", "solver_update_torch"]
@@ -400,10 +400,11 @@ class FastSampler:
         if self.update_backend == "triton":
             from . import kernels
 
+            # a generator's z only matters to the SDE solver (sigma is 0 in the ODE solvers' tables)
             kernels.solver_update(run.x, eps, self.table, run.counter, run.history, run.last,
-                                  seeds=run.seeds if seeded else None, noise=run.noise)
+                                  seeds=run.seeds if seeded else None, noise=run.noise if self.solver.sde else None)
         else:
-            z = _step_noise(run.seeds, t, self.image_shape) if seeded else run.noise
+            z = _step_noise(run.seeds, t, self.image_shape) if seeded else (run.noise if self.solver.sde else None)
             solver_update_torch(run.x, eps, self.table, run.counter, run.history, run.last, z)
 
     # -- static buffers and CUDA graphs ---------------------------------------------------------------
@@ -611,15 +612,11 @@ def _generator_draw(generator, shape, device: torch.device):
     elif not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
 
-    def to_device(z: torch.Tensor) -> torch.Tensor:
-        if z.device.type == "cpu" and device.type == "cuda":
-            z = z.pin_memory()  # a pinned, non-blocking upload does not stall the host on the GPU
-        return z.to(device, non_blocking=True)
-
     def draw() -> torch.Tensor:
         if generators is None:
-            return to_device(torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32))
-        return to_device(torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device,
-                                                dtype=torch.float32) for g in generators]))
+            return host_to_device(torch.randn(shape, generator=generator, device=generator.device,
+                                              dtype=torch.float32), device)
+        return host_to_device(torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device,
+                                                     dtype=torch.float32) for g in generators]), device)
 
     return draw

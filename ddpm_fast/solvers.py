@@ -2,7 +2,7 @@
 
 For an eps-prediction model every step of these solvers is linear in a handful of tensors, so, like the
 DDPM/DDIM tables in ``coefficients.py``, a solver becomes one table row per step and one fused
-element-wise update (``kernels.reverse_update`` with history, or its torch twin in ``sampler.py``):
+element-wise update (``kernels.solver_update``, or its torch twin in ``sampler.py``):
 
     m      = x * SQRT_RECIP_AB - eps * SQRT_RECIPM1_AB                   (this step's x0 prediction)
     xc     = K_X x + K_LAST last + K_M m + sum_j K_Hj h_j                (UniPC's corrector; K_X = 1, rest 0, else)
@@ -84,8 +84,9 @@ class SolverSpec:
 
     @property
     def corrects(self) -> bool:
-        """True when some step runs UniPC's corrector (the update then reads and writes ``last``)."""
-        return self.name == "unipc"
+        """True when some step runs UniPC's corrector (the update then reads and writes ``last``); with
+        the corrector off everywhere UniPC needs neither ``last`` nor the extra history buffer."""
+        return self.name == "unipc" and self.disable_corrector != ("all",)
 
     @property
     def num_history(self) -> int:
@@ -138,9 +139,12 @@ def _check(spec: SolverSpec) -> SolverSpec:
         spec = replace(spec, eta=float(eta))
     elif spec.eta is not None:
         raise ValueError(f"eta applies to the 'ddim' solver only, not {spec.name!r}")
-    if not spec.multistep and (spec.order or spec.solver_type or spec.disable_corrector):
-        raise ValueError(f"order, solver_type and the corrector options apply to the multistep solvers "
-                         f"({', '.join(MULTISTEP_SOLVERS)}), not {spec.name!r}")
+    if not spec.multistep and (spec.order or spec.solver_type or spec.disable_corrector
+                               or spec.timestep_spacing != "linspace" or spec.steps_offset
+                               or not spec.lower_order_final):
+        # ddpm and ddim take diffusers' leading spacing of their own: these options would be ignored
+        raise ValueError(f"order, solver_type, lower_order_final, the corrector and the timestep spacing options "
+                         f"apply to the multistep solvers ({', '.join(MULTISTEP_SOLVERS)}), not {spec.name!r}")
     if spec.multistep:
         if isinstance(spec.order, bool) or spec.order not in (1, 2, 3):
             raise ValueError(f"solver order must be 1, 2 or 3, got {spec.order!r}")
