@@ -26,7 +26,10 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from ddpm_fast.checkpoint import atomic_write, write_json_atomic
+# run as a script from benchmarks/: the checkout itself, so a failed `pip install -e .` is recorded as a
+# failed step instead of making the record unwritable
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ddpm_fast.checkpoint import atomic_write, write_json_atomic  # noqa: E402
 
 FORMAT = "ddpm-fast-gpu-stage"
 KINDS = ("pytest", "kernels", "sample", "bench", "pytest-benchmark", "none")

@@ -118,6 +118,9 @@ def verify(args: argparse.Namespace) -> dict:
     settings = sampler.settings
     graph_captured = all(run.graphs and not run.eager for run in sampler._runs.values()) if sampler.cuda_graph \
         else None
+    # what is measured so far survives a kill during the reference chains (the final write replaces it)
+    write_json_atomic(args.out, {"ok": None, "partial": True, "time_to_first_image_s": first_image_s,
+                                 "steady_run_s": steady_s, "graph_captured": graph_captured, "sampler": settings})
 
     steps = resolve_timesteps(args.steps, schedule.num_timesteps)
     start = time.perf_counter()

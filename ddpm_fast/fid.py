@@ -95,7 +95,8 @@ def collect(dataset, extractor, batch_size: int = DEFAULT_FID_BATCH, keep_featur
 def compute_stats(dataset, extractor, batch_size: int = DEFAULT_FID_BATCH) -> tuple[np.ndarray, np.ndarray, int]:
     """(mu, sigma, n) of an ``ImageDataset`` in ``extractor``'s feature space, batch by batch."""
     collector = collect(dataset, extractor, batch_size)
-    mu, sigma = collector.finish()
+    # local statistics: the dataset is whole on every rank, so summing over ranks would count it W times
+    mu, sigma = collector.stats.mean_cov()
     return mu, sigma, collector.stats.n
 
 
@@ -165,7 +166,7 @@ def fid_between(a: FIDInput, b: FIDInput, extractor, batch_size: int = DEFAULT_F
         raise DataError("KID needs images on both sides (it is computed from the features, not from mu and sigma): "
                         "pass samples.npz files or image folders, or drop --kid")
     ca, cb = (collect(item.dataset, extractor, batch_size, keep_features=True) for item in (a, b))
-    (mu1, s1), (mu2, s2) = ca.finish(), cb.finish()
+    (mu1, s1), (mu2, s2) = ca.stats.mean_cov(), cb.stats.mean_cov()  # whole datasets: local, no all_reduce
     result = {"fid": frechet_distance(mu1, s1, mu2, s2), "n_samples": ca.stats.n, "n_ref": cb.stats.n,
               "feature_dim": int(mu1.shape[0])}
     x, y = torch.cat(ca.features), torch.cat(cb.features)

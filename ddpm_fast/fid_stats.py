@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .distributed import collective_errors
 from .errors import DataError
 
 __all__ = ["RunningStats", "frechet_distance", "kernel_inception_distance", "save_stats", "load_stats",
@@ -95,7 +96,8 @@ class RunningStats:
         for name in ("count", "sum", "outer"):
             t = getattr(self, name)
             buf = t.to(f"cuda:{torch.cuda.current_device()}") if nccl and t.device.type != "cuda" else t
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            with collective_errors("all_reduce of the FID statistics"):  # a dead peer: one line, no traceback
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
             if buf is not t:
                 t.copy_(buf)
         return self

@@ -19,6 +19,7 @@ images are those of a single process.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import shutil
@@ -37,7 +38,7 @@ from .checks import model_device
 from .distributed import Group, current_group, deal, process_group
 from .errors import CheckpointError
 from .hub import resolve_source
-from .sampler import DEFAULT_BATCH_SIZE, SEED_LIMIT
+from .sampler import DEFAULT_BATCH_SIZE, SEED_LIMIT, model_image_shape
 from .schedule import NoiseSchedule
 from .solvers import SolverSpec, solver_spec
 
@@ -243,7 +244,7 @@ def _image_sampler(model, schedule, seeds, *, steps, variance, clip_x0, referenc
     from . import reference as oracle
 
     device = torch.device(device) if device is not None else model_device(model)
-    image_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    image_shape = model_image_shape(model, None)
     if solver.multistep and clip_x0:
         raise ValueError(f"clip_x0 is not available with {solver.name}: its scheduler does not clip x0")
     if solver.name == "ddim" and not solver.use_clipped_model_output and clip_x0:
@@ -312,8 +313,7 @@ def _generate_dealt(model, schedule, seeds, *, batch_size, group: Group, progres
     finally:
         bar.close()
     if not out:  # fewer seeds than ranks: this rank had nothing to do
-        c, size = model.config.in_channels, model.config.sample_size
-        return positions, torch.zeros((0, c, size, size))
+        return positions, torch.zeros((0, *model_image_shape(model, None)))
     return positions, torch.cat(out)
 
 
@@ -469,11 +469,13 @@ def _sample_dealt_to_folder(model, schedule, seeds, out_dir, *, group: Group, pn
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    size = config.sample_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    shape = (len(seeds), height, width, config.in_channels)
-    spool = Path(tempfile.mkstemp(dir=out_dir, prefix=".samples-", suffix=".npy")[1]) if group.is_main else None
+    channels, height, width = model_image_shape(model, None)
+    shape = (len(seeds), height, width, channels)
+    spool = None
+    if group.is_main:
+        handle, name = tempfile.mkstemp(dir=out_dir, prefix=".samples-", suffix=".npy")
+        os.close(handle)  # open_memmap reopens it by name
+        spool = Path(name)
     try:
         array = np.lib.format.open_memmap(spool, mode="w+", dtype=np.uint8, shape=shape) if spool else None
 

@@ -35,7 +35,7 @@ from . import ops, philox, solvers
 from .checks import check_variance, host_to_device, model_device, resolve_timesteps
 from .schedule import NoiseSchedule
 
-__all__ = ["FastSampler", "reverse_update_torch", "solver_update_torch"]
+__all__ = ["FastSampler", "reverse_update_torch", "solver_update_torch", "model_image_shape"]
 
 SEED_LIMIT = 2**32  # seeds are uint32: the low half of the Philox key
 DEFAULT_BATCH_SIZE = 256
@@ -200,7 +200,7 @@ class FastSampler:
                              "do not clip x0 (use solver='ddpm' or 'ddim' to clip)")
         self.device = torch.device(device) if device is not None else model_device(model)
         on_cuda = self.device.type == "cuda"
-        self.image_shape = _image_shape(model, image_shape)
+        self.image_shape = model_image_shape(model, image_shape)
 
         self.dtype = dtype if dtype is not None else (torch.bfloat16 if on_cuda else torch.float32)
         if self.dtype not in AUTOCAST_DTYPES:
@@ -508,7 +508,7 @@ def _clip_range(clip_x0) -> float | None:
 
 
 
-def _image_shape(model, image_shape) -> tuple[int, int, int]:
+def model_image_shape(model, image_shape) -> tuple[int, int, int]:
     """(C, H, W) from the argument or from model.config (ddpm_fast and diffusers configs both work)."""
     if image_shape is None:
         config = getattr(model, "config", None)

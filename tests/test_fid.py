@@ -210,7 +210,14 @@ _DIST_SCRIPT = textwrap.dedent("""
     for lo in range(0, len(mine), 16):
         rs.update(torch.from_numpy(mine[lo:lo + 16]))
     mu, sigma = rs.all_reduce().mean_cov()
-    np.savez(sys.argv[2] + f".{rank}.npz", mu=mu, sigma=sigma, n=rs.n)
+    # a whole dataset read by every rank (a --fid-ref of images) must not be counted once per rank
+    sys.path.insert(0, sys.argv[3])
+    from fid_helpers import TinyExtractor
+    from ddpm_fast.fid import compute_stats, fid_input
+    images = np.random.default_rng(0).integers(0, 256, (13, 8, 8, 3), dtype=np.uint8)
+    np.savez(sys.argv[2] + f".images{rank}.npz", arr_0=images)
+    _, _, n_whole = compute_stats(fid_input(sys.argv[2] + f".images{rank}.npz").dataset, TinyExtractor(), 5)
+    np.savez(sys.argv[2] + f".{rank}.npz", mu=mu, sigma=sigma, n=rs.n, n_whole=n_whole)
     dist.destroy_process_group()
 """)
 
@@ -221,7 +228,7 @@ def test_two_gloo_processes_equal_one(tmp_path):
     (tmp_path / "script.py").write_text(_DIST_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(tmp_path / "script.py"), str(tmp_path / "f.npy"), str(tmp_path / "out")]
+           str(tmp_path / "script.py"), str(tmp_path / "f.npy"), str(tmp_path / "out"), str(Path(__file__).parent)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     mu_bound, sigma_bound = stats_bounds(f)
@@ -229,6 +236,7 @@ def test_two_gloo_processes_equal_one(tmp_path):
     for rank in (0, 1):  # every rank holds the combined statistics
         with np.load(tmp_path / f"out.{rank}.npz") as z:
             assert int(z["n"]) == 101
+            assert int(z["n_whole"]) == 13  # compute_stats keeps a whole dataset's statistics local
             _assert_within(z["mu"], exact_mu, mu_bound)
             _assert_within(z["sigma"], exact_sigma, sigma_bound)
 

@@ -50,7 +50,8 @@ def _table(records: list[dict], baselines: list[str], index: dict, stepwise: boo
 
 def _first_run_table(records: list[dict]) -> list[str]:
     """Time to the first result of each case on a new shape: build, compile, capture, the first run."""
-    lines = ["| impl | kind | batch | build s | warm-up s | first run s | startup s | first 1000-step batch s |",
+    lines = ["| impl | kind | batch | build s | warm-up s | first run s | startup s | first full-schedule batch s "
+             "(1000 steps; a few-step solver's own steps) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in records:
         if r.get("first_run_s") is None or r.get("same_as"):

@@ -53,7 +53,7 @@ def run_case(case: Case, ctx: BenchContext, *, repeats: int, warmup: int, flops:
         per_image = flops.get(case.kind)
         record.update(throughput(seconds, case.kind, case.batch_size, case.steps, per_image, peak_flops,
                                  full_steps=full_steps))
-        record.update(first_run(build_s, phases, seconds, case.kind, case.steps))
+        record.update(first_run(build_s, phases, seconds, case.kind, case.steps, full_steps=full_steps))
         record["flops_per_image_step"] = per_image
     except Exception as exc:  # noqa: BLE001 - one case's failure (OOM, missing package) must not end the run
         record["error"] = _one_line(exc)

@@ -74,20 +74,22 @@ def throughput(seconds: list[float], kind: str, batch_size: int, steps: int, flo
     }
 
 
-def first_run(build_s: float, phases: dict, seconds: list[float], kind: str, steps: int) -> dict:
+def first_run(build_s: float, phases: dict, seconds: list[float], kind: str, steps: int,
+              full_steps: int = FULL_STEPS) -> dict:
     """How long the first result takes on a new shape, from the runner's build to the end of the first
     whole timed unit (a batch of ``steps``-step samples; ``steps`` optimizer steps): build + warm-up,
     plus the first timed run when the warm-up was a partial one (the eager baselines warm up with 2
     steps, which this figure then includes). ``startup_s`` is its one-time part (``first_run_s`` minus
     the median run: compilation, capture, building); for sampling ``first_image_full_s`` is the time to
-    the first batch of full-schedule images on a new shape (startup + the per-step time x FULL_STEPS).
+    the first batch of full-schedule images on a new shape (startup + the per-step time x full_steps:
+    FULL_STEPS for DDPM/DDIM, the timed steps themselves for a few-step solver).
     """
     median = statistics.median(seconds)
     first = build_s + phases["warmup_s"] + (0.0 if phases["warmup_is_full"] else seconds[0])
     out = {"build_s": build_s, "warmup_s": phases["warmup_s"], "first_run_s": first,
            "startup_s": max(first - median, 0.0)}
     if kind == "sampling":
-        out["first_image_full_s"] = out["startup_s"] + median / steps * FULL_STEPS
+        out["first_image_full_s"] = out["startup_s"] + median / steps * full_steps
     return out
 
 
