@@ -415,10 +415,12 @@ def sample_to_folder(source, out_dir, seeds, *, steps=None, variance: str | None
     if solver_options and solver is None:
         raise ValueError("solver options (order, type, corrector, spacing) need a solver: pass --solver too")
     spec = solver_spec(solver, **(solver_options or {})) if isinstance(solver, str) else None
+    start = time.perf_counter()
+    # loaded before joining: a bad source is one line from rank 0, not one per rank
+    model, schedule, meta = load_model_source(source, use_ema=use_ema)
     with process_group(device) as group:
-        start = time.perf_counter()
         device = group.device
-        model, schedule, meta = load_model_source(source, use_ema=use_ema, device=device)
+        model = model.to(device)
         spec = spec or (solver if isinstance(solver, SolverSpec) else meta["solver"])
         if steps is None:
             steps = DEFAULT_SOLVER_STEPS if spec.multistep else schedule.num_timesteps

@@ -512,6 +512,11 @@ def train(config: TrainConfig, *, dataset=None, on_log=None, fid_extractor=None)
     world = planned_world_size()
     if config.batch_size % world:  # checked before the group starts: every rank fails the same way
         raise DDPMFastError(_indivisible_batch(config.batch_size, world))
+    if dataset is None:  # before joining, too: a bad --data is one line from rank 0, not one per rank
+        from .data import load_dataset
+
+        dataset = load_dataset(config.data, image_size=config.image_size, channels=config.channels,
+                               flip=config.flip)
     with process_group(config.device) as group:
         config = dataclasses.replace(config, device=str(group.device))
         with collective_errors("training"):

@@ -329,3 +329,16 @@ def test_one_process_uses_no_torch_distributed(tmp_path):
     result = train(_config(tmp_path / "r", steps=2, save_every=0))
     assert result.world_size == 1 and not torch.distributed.is_initialized()
     assert Group().active is False and Group().any(True) is True
+
+
+def test_an_input_error_every_rank_hits_is_one_line_under_torchrun(tmp_path):
+    """Sources and data are read before the ranks join, so every rank fails the same way before any
+    group exists and rank 0 alone says it (not one line per rank)."""
+    done = _torchrun("sample", str(tmp_path / "missing"), "--out", str(tmp_path / "s"), "--device", "cpu")
+    lines = [line for line in done.stderr.splitlines() if line.startswith("ddpm-fast: error:")]
+    assert done.returncode != 0 and len(lines) == 1 and "does not exist" in lines[0], done.stderr[-2000:]
+    done = _torchrun("train", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "r"), "--preset", "tiny",
+                     "--device", "cpu", "--no-progress")
+    lines = [line for line in done.stderr.splitlines() if line.startswith("ddpm-fast: error:")]
+    assert done.returncode != 0 and len(lines) == 1 and "does not exist" in lines[0], done.stderr[-2000:]
+    assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
