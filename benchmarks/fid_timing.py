@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddpm_fast.checkpoint import write_json_atomic
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
@@ -72,7 +74,7 @@ def main() -> int:
               "feature_images_per_s": args.num / record["feature_seconds"],
               "inception_weights": "given" if args.inception_weights else "random (same cost)",
               "command": "ddpm-fast " + " ".join(argv)}
-    (out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
+    write_json_atomic(out / "timing.json", timing)
     print(json.dumps(timing, indent=2))
     return 0
 

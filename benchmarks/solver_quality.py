@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ddpm_fast.checkpoint import atomic_write
 from ddpm_fast.generate import load_model_source
 from ddpm_fast.quality import digits_quality_report
 from ddpm_fast.sampler import FastSampler
@@ -134,9 +135,10 @@ def main(argv=None) -> int:
                       "shared CPU: compare within the table"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": info, "ddpm_1000": baseline, "rows": rows}, indent=1,
-                                                   default=str))
-    out.with_suffix(".md").write_text(markdown(rows, baseline, info) + "\n")
+    text = json.dumps({"meta": info, "ddpm_1000": baseline, "rows": rows}, indent=1, default=str) + "\n"
+    atomic_write(out.with_suffix(".json"), lambda tmp: tmp.write_text(text))
+    table = markdown(rows, baseline, info) + "\n"
+    atomic_write(out.with_suffix(".md"), lambda tmp: tmp.write_text(table))
     plot(rows, baseline, out.with_suffix(".png"))
     best = min((r for r in rows if r["steps"] == 20), key=lambda r: r["fd"])
     print(f"best at 20 steps: {best['solver']} FD {best['fd']:.2f} = {100 * (best['fd'] / baseline['fd'] - 1):+.1f} % "

@@ -298,8 +298,6 @@ def _run_fid(args) -> int:
     extractor = None
     if samples.stats is None or ref.stats is None:
         extractor = load_extractor(args.inception_weights, device=resolve_device(args.device))
-    if args.kid and (samples.stats is not None or ref.stats is not None):
-        raise ValueError("--kid needs images on both sides (KID is computed from features, not from mu and sigma)")
     result = fid_between(samples, ref, extractor, args.batch_size or DEFAULT_FID_BATCH, kid=args.kid)
     result.update(samples=samples.path, ref=ref.path)
     if extractor is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from ..solvers import MULTISTEP_SOLVERS
 from .cases import FULL_STEPS
 
 SCHEMA_VERSION = 1
@@ -49,7 +50,7 @@ def validate_result(result: dict) -> None:
             problems.append(f"{where}.mfu must be null on a CPU-only run")
         if error is None and case.get("kind") == "sampling":
             # DDPM figures are for the full schedule; a few-step solver's are for the steps it ran
-            few_step = (result.get("settings") or {}).get("solver", "ddpm") not in (None, "ddpm", "ddim")
+            few_step = (result.get("settings") or {}).get("solver") in MULTISTEP_SOLVERS
             want = case.get("steps_timed") if few_step else FULL_STEPS
             if not isinstance(case.get("steps_timed"), int) or case.get("steps_reported") != want:
                 problems.append(f"{where}: sampling cases need steps_timed and steps_reported="
