@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from . import coefficients as C
 from .schedule import NoiseSchedule
 
 __all__ = ["SOLVERS", "MULTISTEP_SOLVERS", "SolverSpec", "solver_spec", "solver_timesteps", "solver_table",
@@ -240,9 +241,9 @@ def solver_table(schedule: NoiseSchedule, steps: list[int], spec: SolverSpec) ->
     table = torch.zeros(S, NUM_SOLVER_COLUMNS, dtype=torch.float64)
     for k, t in enumerate(steps):
         row = table[k]
-        row[0] = t
-        row[1] = 1.0 / points[k][0]
-        row[2] = points[k][1] / points[k][0]
+        row[C.T] = t
+        row[C.SQRT_RECIP_AB] = 1.0 / points[k][0]
+        row[C.SQRT_RECIPM1_AB] = points[k][1] / points[k][0]
         if spec.name == "unipc":
             _unipc_row(row, points, k, pred[k], corr[k], spec.solver_type)
         else:
@@ -270,7 +271,7 @@ def _dpmpp_row(row: torch.Tensor, points, k: int, order: int, spec: SolverSpec) 
         else:
             c1 = 0.5 * c0 if order == 2 else 0.0
         c2 = a_t * ((1.0 - e2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5) if order == 3 else 0.0
-        row[6] = s_t * math.sqrt(1.0 - e2)
+        row[C.SIGMA] = s_t * math.sqrt(1.0 - e2)
     else:
         c_x = s_t / s_0
         c0 = -a_t * (e - 1.0)
@@ -294,9 +295,9 @@ def _dpmpp_row(row: torch.Tensor, points, k: int, order: int, spec: SolverSpec) 
             D2 = [d / (r0 + r1) for d in diff]
     weights = [c0 * u + c1 * v + c2 * w for u, v, w in zip(D0, D1, D2)]
     row[K_X] = 1.0  # no corrector: xc = x
-    row[4] = c_x
-    row[3] = weights[0]
-    row[8], row[9] = weights[1], weights[2]
+    row[C.C_XT] = c_x
+    row[C.C_X0] = weights[0]
+    row[C_H[0]], row[C_H[1]] = weights[1], weights[2]
 
 
 def _unipc_rhos(h: float, rks: list[float], order: int, solver_type: str, corrector: bool):
@@ -352,10 +353,10 @@ def _unipc_row(row: torch.Tensor, points, k: int, p_order: int, c_order: int, so
     h = l_t - l_0
     rks = [(points[k - i][2] - l_0) / h for i in range(1, p_order)] + [1.0]
     B_h, h_phi_1, rhos = _unipc_rhos(h, rks, p_order, solver_type, corrector=False)
-    row[4] = s_t / s_0
+    row[C.C_XT] = s_t / s_0
     m = -a_t * h_phi_1
     for i in range(1, p_order):  # D1_i = (h_i - m) / r_i
         w = -a_t * B_h * rhos[i - 1] / rks[i - 1]
         row[C_H[i - 1]] = w
         m -= w
-    row[3] = m
+    row[C.C_X0] = m
