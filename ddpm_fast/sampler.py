@@ -191,8 +191,6 @@ class FastSampler:
         self.schedule = schedule
         self.variance = check_variance(variance)
         self.clip = _clip_range(clip_x0)
-        if eta is not None and not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and eta >= 0):
-            raise ValueError(f"eta must be None (DDPM) or a float >= 0 (DDIM), got {eta!r}")
         self.solver = _resolve_solver(solver, solver_options, eta)
         self.eta = self.solver.eta
         if self.solver.multistep and self.clip is not None:
