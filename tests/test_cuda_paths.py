@@ -138,3 +138,165 @@ def test_cuda_capture_on_the_samplers_device_not_the_current_one():
     eager = FastSampler(model, schedule, timesteps=5, dtype=torch.float32, compile=False,
                         cuda_graph=False).sample(seeds=[1, 2])
     torch.testing.assert_close(out, eager, rtol=0, atol=0)
+
+
+# -- the CUDA-only Python on the CPU, through test-only stand-ins (tests/cuda_standins.py) ----------------
+# The sampler decides "capture or not" by its cuda_graph attribute alone: a CPU sampler with it switched
+# on runs the capture, warm-up, replay and fallback code through the stand-ins, and must give exactly the
+# eager images (a stand-in replay re-runs the very ops the capture recorded).
+
+def _standin_sampler(monkeypatch, model=None, capture_runs_ops=False, **options):
+    from cuda_standins import CudaStandIns
+
+    standins = CudaStandIns(monkeypatch, capture_runs_ops=capture_runs_ops)
+    options = {"timesteps": 6, "image_shape": None, **options}
+    model = tiny_unet(seed=21, size=8) if model is None else model
+    graphed = FastSampler(model, NoiseSchedule.linear(1000), **options)
+    eager = FastSampler(model, NoiseSchedule.linear(1000), **options)
+    assert not graphed.cuda_graph and graphed.device.type == "cpu"
+    graphed.cuda_graph = True  # what on_cuda sets; everything else stays the CPU configuration
+    return graphed, eager, standins
+
+
+def _names(standins):
+    return [e[0] for e in standins.log]
+
+
+def test_standins_capture_warm_up_and_replay_in_the_order_torch_prescribes(monkeypatch):
+    graphed, eager, standins = _standin_sampler(monkeypatch, clip_x0=True)
+    seeds = [4, 2**32 - 1, 9]
+    out = graphed.sample(seeds=seeds)
+    torch.testing.assert_close(out, eager.sample(seeds=seeds), rtol=0, atol=0)
+    run, = graphed._runs.values()
+    assert set(run.graphs) == {1} and not run.eager and run.pool is not None
+    names = _names(standins)
+    # warm-up on a side stream that waits for the caller's, then the caller's waits for it; then the pool,
+    # then the capture on its own stream, in torch's order; the caller's stream is current for the replays
+    first = names.index
+    assert first("device") < first("Stream") < first("stream_enter") < first("graph_pool_handle") \
+        < first("CUDAGraph") < first("capture_begin") < first("capture_end") < first("replay")
+    side = standins.events("Stream")[0][1]
+    assert standins.events("wait_stream") == [("wait_stream", side, "default"), ("wait_stream", "default", side)]
+    (_, graph_id, pool, capture_stream), = standins.events("capture_begin")
+    assert pool == run.pool and capture_stream not in ("default", side)
+    assert standins.events("set_stream") == [("set_stream", "default")] and standins.current.name == "default"
+    replays = standins.events("replay")
+    assert replays == [("replay", graph_id, "default")] * 6  # one replay per step, on the caller's stream
+    # a second call replays the same graph: no warm-up, no capture
+    before = len(standins.log)
+    again = graphed.sample(seeds=[7, 8, 9])
+    assert set(_names(standins)[before:]) == {"replay"}
+    torch.testing.assert_close(again, eager.sample(seeds=[7, 8, 9]), rtol=0, atol=0)
+
+
+def test_standin_graph_replays_its_buffers_not_their_replacements():
+    """The stand-in itself can fail: a replay reads the tensors the capture saw, as a CUDA graph does."""
+    from cuda_standins import CudaStandIns
+
+    mp = pytest.MonkeyPatch()
+    try:
+        standins = CudaStandIns(mp)
+        x, out = torch.arange(4.0), torch.zeros(4)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out.copy_(x * 2 + 1)
+        assert torch.equal(out, torch.zeros(4))  # a capture launches nothing
+        x.mul_(10)
+        graph.replay()
+        assert torch.equal(out, torch.arange(4.0) * 20 + 1)
+        x = torch.ones(4)  # replaced, not refilled: the graph still reads the old tensor
+        graph.replay()
+        assert torch.equal(out, torch.arange(4.0) * 20 + 1)
+        with pytest.raises(RuntimeError, match="previous error during capture"):
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                float(out.sum())
+        assert standins.current.name != "default"  # torch leaves the capture stream current: the sampler's bug
+    finally:
+        mp.undo()
+
+
+@pytest.mark.parametrize("steps_per_graph,batch_size", [(4, None), (6, 2)])
+def test_standins_steps_per_graph_and_padded_batches_equal_eager(monkeypatch, steps_per_graph, batch_size):
+    graphed, eager, standins = _standin_sampler(monkeypatch, steps_per_graph=steps_per_graph)
+    seeds = [1, 2, 3, 4, 5]
+    out = graphed.sample(seeds=seeds, batch_size=batch_size)
+    torch.testing.assert_close(out, eager.sample(seeds=seeds, batch_size=batch_size), rtol=0, atol=0)
+    run, = graphed._runs.values()
+    assert set(run.graphs) == ({4, 2} if steps_per_graph == 4 else {6})  # 6 steps = 4 + 2, or one graph
+    batches = 1 if batch_size is None else 3
+    assert len(standins.events("capture_begin")) == len(run.graphs)
+    assert len(standins.events("replay")) == batches * len(run.graphs)
+
+
+@pytest.mark.parametrize("capture_runs_ops", [False, True])
+def test_standins_failed_capture_warns_restores_the_stream_and_state_and_samples_eagerly(monkeypatch,
+                                                                                        capture_runs_ops):
+    model = tiny_unet(seed=22, size=8)
+
+    def syncing_model(x, t):
+        float(t.sum())  # reads a value on the host: not capturable
+        return model(x, t)
+
+    graphed, eager, standins = _standin_sampler(monkeypatch, syncing_model, capture_runs_ops=capture_runs_ops,
+                                                image_shape=(3, 8, 8))
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        out = graphed.sample(seeds=[1, 2])
+    assert standins.current.name == "default"  # the caller's stream, not the capture stream
+    run, = graphed._runs.values()
+    assert run.eager and not run.graphs and not standins.events("replay")
+    torch.testing.assert_close(out, eager.sample(seeds=[1, 2]), rtol=0, atol=0)
+    before = len(standins.log)
+    graphed.sample(seeds=[1, 2])  # eager from now on: no second capture
+    assert not standins.events("capture_begin")[1:] and len(standins.log) == before
+
+
+@pytest.mark.parametrize("solver", ["dpmpp-3m", "unipc", "dpmpp-2m-sde"])
+def test_standins_solver_history_under_capture_equals_eager(monkeypatch, solver):
+    """The multistep solvers' history (and UniPC's last sample) are static buffers the graph updates."""
+    graphed, eager, standins = _standin_sampler(monkeypatch, solver=solver, timesteps=7, steps_per_graph=3)
+    out = graphed.sample(seeds=[3, 4])
+    run, = graphed._runs.values()
+    assert run.history and set(run.graphs) == {3, 1}
+    torch.testing.assert_close(out, eager.sample(seeds=[3, 4]), rtol=0, atol=0)
+    for buffer in run.history:  # poisoned history must be zeroed before each sample, not read
+        buffer.fill_(float("nan"))
+    torch.testing.assert_close(graphed.sample(seeds=[3, 4]), out, rtol=0, atol=0)
+
+
+def test_standins_generator_noise_replays_one_step_per_draw(monkeypatch):
+    graphed, eager, standins = _standin_sampler(monkeypatch, timesteps=5)
+    out = graphed.sample(n=2, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(out, eager.sample(n=2, generator=torch.Generator().manual_seed(3)), rtol=0, atol=0)
+    assert len(standins.events("replay")) == 5
+
+
+def test_seeds_reach_the_device_in_one_upload_per_call(monkeypatch):
+    """Every batch's seeds come from one ``host_to_device`` upload (pinned, non-blocking on CUDA), not a
+    pageable copy per batch; the CUDA test below checks the absence of host waits for real."""
+    import ddpm_fast.sampler as sampler_module
+
+    uploads = []
+
+    def recording(x, device):
+        uploads.append(x.clone())
+        return host_to_device(x, device)
+
+    monkeypatch.setattr(sampler_module, "host_to_device", recording)
+    sampler = FastSampler(tiny_unet(seed=23, size=8), NoiseSchedule.linear(1000), timesteps=2)
+    out = sampler.sample(seeds=[5, 6, 7], batch_size=2)
+    assert [u.tolist() for u in uploads] == [[5, 6, 7, 7]]  # padded to whole batches, one copy
+    torch.testing.assert_close(out[2:], sampler.sample(seeds=[7])[:1], rtol=0, atol=0)
+
+
+@cuda_only
+def test_cuda_sampling_never_waits_for_the_gpu_after_the_first_capture():
+    model = tiny_unet(seed=24).cuda()
+    sampler = FastSampler(model, NoiseSchedule.linear(1000), timesteps=4, compile=False)
+    first = sampler.sample(seeds=[1, 2, 3], batch_size=2)  # warm-up: capture, cuDNN's search
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = sampler.sample(seeds=[1, 2, 3], batch_size=2)  # two batches: seeds, noise, replays
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
