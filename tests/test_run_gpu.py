@@ -372,6 +372,25 @@ def test_verify_sample_bf16_fast_path_within_its_derived_tolerance(tmp_path):
     assert result["time_to_first_image_s"] > 0 and result["graph_captured"] is None  # no graphs on a CPU
 
 
+def test_verify_sample_runs_its_fp32_reference_without_tf32(tmp_path, monkeypatch):
+    """cuDNN's default TF32 would make the fp32 reference a 10-bit-mantissa one: off while the check runs,
+    restored after."""
+    from ddpm_fast import reference
+
+    seen = []
+    real = reference.sample
+
+    def recording(*args, **kwargs):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "sample", recording)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    rc, result = _verify_sample(tmp_path)
+    assert rc == 0 and seen == [(False, False)] * 2 and result["tf32"] == {"cudnn": False, "matmul": False}
+    assert torch.backends.cudnn.allow_tf32 is True
+
+
 def test_verify_sample_fails_when_the_bound_is_too_tight(tmp_path):
     rc, result = _verify_sample(tmp_path, "--dtype", "bfloat16", "--safety", "1e-6")
     assert rc == 1 and not result["ok"] and result["max_abs_diff"] > result["tolerance"]
