@@ -300,3 +300,62 @@ def test_cuda_sampling_never_waits_for_the_gpu_after_the_first_capture():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+# -- the training step's CUDA-default branches on the CPU -------------------------------------------------
+
+def _train_config(tmp_path, **kw):
+    # no dropout: its mask would be drawn in memory order, so NCHW and NHWC runs would drop other units
+    base = dict(data="digits", out=str(tmp_path / "run"), preset="tiny", steps=4, batch_size=8, progress=False,
+                unet={"block_out_channels": [8, 16], "dropout": 0.0}, device="cpu", compile=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_channels_last_training_step_equals_the_contiguous_one_within_rounding(tmp_path):
+    """channels_last is a CUDA default (the model and every batch go NHWC): on the CPU the same step, with
+    the convolutions' sums in another order. At step 0 (the same weights, batch, t and noise) the losses
+    differ by at most the loss's response to every layer's rounding, both sides (tolerances)."""
+    from tolerances import rounding_response
+
+    nhwc = Trainer(_train_config(tmp_path, channels_last=True))
+    nchw = Trainer(_train_config(tmp_path, channels_last=False))
+    probe = Trainer(_train_config(tmp_path, channels_last=False))
+    assert nhwc.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    hook = nhwc.model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    loss_nhwc, grad_nhwc = nhwc.train_step()
+    hook.remove()
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)  # the batch went NHWC too
+    loss_nchw, grad_nchw = nchw.train_step()
+    x0 = next(probe.stream)  # the same first batch
+    bound = rounding_response(lambda: probe.loss_on_batch(x0, 0).reshape(1), probe.model, signs=(1.0,))
+    assert torch.isfinite(grad_nhwc) and torch.isfinite(grad_nchw)
+    assert abs(loss_nhwc.item() - loss_nchw.item()) <= bound, (loss_nhwc.item(), loss_nchw.item(), bound)
+
+
+def test_cuda_rng_states_are_saved_and_restored_through_standins(tmp_path, monkeypatch):
+    """A CUDA run's checkpoint holds every GPU's RNG state and a resume sets them back: torch.cuda's RNG
+    calls stood in (a CPU run has no GPU state to keep)."""
+    trainer = Trainer(_train_config(tmp_path))
+    trainer.train_step()
+    gpu_state = torch.arange(16, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [gpu_state.clone(), gpu_state.clone()])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(list(states)))
+    path = trainer.save(tmp_path / "run")
+    monkeypatch.undo()
+    from ddpm_fast.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    assert [s.tolist() for s in ckpt.state["rng"]["cuda"]] == [gpu_state.tolist()] * 2
+    resumed = Trainer(_train_config(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(list(states)))
+    resumed.load_state(ckpt)
+    monkeypatch.undo()
+    (states,) = restored  # one GPU here: the first saved state only
+    assert [s.tolist() for s in states] == [gpu_state.tolist()]
+    assert resumed.step == 1
