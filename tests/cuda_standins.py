@@ -1,6 +1,6 @@
 """Stand-ins for the few ``torch.cuda`` objects the CUDA-only Python touches, so CPU CI runs that Python.
 
-``CudaStandIns(monkeypatch)`` replaces, for one test, ``torch.cuda.CUDAGraph``, ``Stream``, ``stream``,
+``CudaStandIns(monkeypatch)`` replaces, for one test, ``torch.cuda.CUDAGraph``, ``Event``, ``Stream``, ``stream``,
 ``current_stream``, ``set_stream``, ``device``, ``graph_pool_handle``, ``synchronize``, ``empty_cache`` and
 the sync-debug mode with recording stand-ins. torch's own ``torch.cuda.graph`` context manager is kept, so
 its order of calls (synchronize, enter the capture stream, capture_begin ... capture_end, leave the
@@ -147,6 +147,27 @@ class FakeGraph:
         return self.pool_handle
 
 
+class FakeEvent:
+    """torch.cuda.Event's stand-in: record() reads the host clock (the CPU ran the work synchronously)."""
+
+    def __init__(self, standins: "CudaStandIns", enable_timing: bool = False, **_):
+        self._standins, self.enable_timing, self.t = standins, enable_timing, None
+
+    def record(self, stream=None):
+        import time
+
+        self.t = time.perf_counter()
+        self._standins.log.append(("event_record",))
+
+    def synchronize(self):
+        self._standins.log.append(("event_synchronize",))
+
+    def elapsed_time(self, end: "FakeEvent") -> float:
+        if not (self.enable_timing and end.enable_timing) or self.t is None or end.t is None:
+            raise RuntimeError("stand-in event: both events need enable_timing=True and a record()")
+        return (end.t - self.t) * 1e3  # milliseconds, as CUDA's
+
+
 class _StreamContext:
     """torch.cuda.stream's stand-in, a plain context manager like torch's StreamContext: the stream is
     current from __enter__, the previous one comes back in __exit__, and only there (torch.cuda.graph
@@ -182,6 +203,7 @@ class CudaStandIns:
         self.graphs = []
         cuda = torch.cuda
         monkeypatch.setattr(cuda, "CUDAGraph", self._graph)
+        monkeypatch.setattr(cuda, "Event", lambda **kw: FakeEvent(self, **kw))
         monkeypatch.setattr(cuda, "Stream", self._stream)
         monkeypatch.setattr(cuda, "stream", self._stream_context)
         monkeypatch.setattr(cuda, "current_stream", self._current_stream)

@@ -5,6 +5,8 @@ All are marked ``cuda`` (``pytest -m cuda tests`` runs them on a GPU machine) an
 The CPU-side logic they rely on (compile-mode mapping, pinned uploads) is tested here on the CPU too.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -359,3 +361,19 @@ def test_cuda_rng_states_are_saved_and_restored_through_standins(tmp_path, monke
     (states,) = restored  # one GPU here: the first saved state only
     assert [s.tolist() for s in states] == [gpu_state.tolist()]
     assert resumed.step == 1
+
+
+def test_bench_ceilings_time_with_cuda_events_through_standins(monkeypatch):
+    """The bench's ceilings (MFU's denominator) time with CUDA events: 3 warm-ups, then one event pair per
+    repeat, synchronised on the end event. Stood in on the CPU with small sizes."""
+    from cuda_standins import CudaStandIns
+    from ddpm_fast.bench import timing
+
+    standins = CudaStandIns(monkeypatch)
+    flops = timing.measure_matmul_flops(torch.device("cpu"), n=32, dtype=torch.float32, repeats=3)
+    assert flops > 0 and math.isfinite(flops)
+    assert _names(standins) == ["event_record", "event_record", "event_synchronize"] * 3
+    calls = []
+    monkeypatch.setattr(timing, "_cuda_median_seconds", lambda work, repeats: calls.append(work()) or 0.5)
+    assert timing.measure_copy_bandwidth(torch.device("cpu"), nbytes=4096, repeats=2) == 2 * 4096 / 0.5
+    assert len(calls) == 1 and calls[0].shape == (1024,)
