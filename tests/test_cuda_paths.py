@@ -1,8 +1,15 @@
-"""The CUDA paths no CPU test can reach: a training loop without host syncs, capturable torch twins, the
-sampler's default configuration end to end, and capture on a device other than the current one.
+"""The CUDA paths: on a GPU, and their Python on the CPU through test-only stand-ins.
 
-All are marked ``cuda`` (``pytest -m cuda tests`` runs them on a GPU machine) and skip without a GPU.
-The CPU-side logic they rely on (compile-mode mapping, pinned uploads) is tested here on the CPU too.
+On a GPU (marked ``cuda``: ``pytest -m cuda tests`` runs them; skipped without one): a training loop
+without host syncs, capturable torch twins, the sampler's default configuration end to end, sampling
+without host waits after the first capture, and capture on a device other than the current one.
+
+On the CPU (tests/cuda_standins.py stands in for torch.cuda's graph, stream, event, pool handle,
+synchronize and sync-debug mode; nothing in the package changes): the sampler's warm-up, capture and
+replay in torch's order, steps_per_graph, padded batches, the fallback after a failed capture (with the
+caller's stream restored), the multistep solvers' history under capture and generator noise, each
+compared with the eager path bit for bit; the training step's CUDA defaults (channels-last, the GPU RNG
+states in checkpoints); the bench's CUDA-event timing; the compile-mode mapping and the seeds' upload.
 """
 
 import math
