@@ -386,3 +386,67 @@ def test_bench_ceilings_time_with_cuda_events_through_standins(monkeypatch):
     monkeypatch.setattr(timing, "_cuda_median_seconds", lambda work, repeats: calls.append(work()) or 0.5)
     assert timing.measure_copy_bandwidth(torch.device("cpu"), nbytes=4096, repeats=2) == 2 * 4096 / 0.5
     assert len(calls) == 1 and calls[0].shape == (1024,)
+
+
+def test_bench_ceilings_on_a_cuda_device_record_a_failed_measurement_in_one_line(monkeypatch):
+    """measure_ceilings' CUDA branch: a measurement that fails (here: no CUDA tensors on this machine) leaves
+    the ceilings null with the reason, frees the cache, and the bench goes on."""
+    from cuda_standins import CudaStandIns
+    from ddpm_fast.bench import timing
+
+    standins = CudaStandIns(monkeypatch)
+    out = timing.measure_ceilings(torch.device("cuda"))
+    assert out["bf16_matmul_tflops"] is None and out["copy_tb_s"] is None
+    assert out["error"] and "\n" not in out["error"] and standins.events("empty_cache")
+
+
+class _FakeNvml:
+    """pynvml's stand-in: the calls describe_device makes, answered as an H200 would."""
+
+    NVML_CLOCK_SM, NVML_CLOCK_MEM = 1, 2
+
+    def __init__(self, pci_works=True):
+        self.pci_works, self.calls = pci_works, []
+
+    def __getattr__(self, name):
+        answers = {"nvmlInit": None, "nvmlShutdown": None, "nvmlSystemGetDriverVersion": b"580.159.04",
+                   "nvmlDeviceGetHandleByIndex": "handle-by-index", "nvmlDeviceGetName": b"NVIDIA H200",
+                   "nvmlDeviceGetEnforcedPowerLimit": 700000}
+        if name == "nvmlDeviceGetHandleByPciBusId":
+            def by_pci(address):
+                self.calls.append((name, address))
+                if not self.pci_works:
+                    raise RuntimeError("NVML_ERROR_NOT_FOUND")
+                return "handle-by-pci"
+            return by_pci
+        if name == "nvmlDeviceGetMaxClockInfo":
+            return lambda handle, clock: self.calls.append((name, handle)) or (1980 if clock == 1 else 3201)
+        if name not in answers:
+            raise AttributeError(name)
+        return lambda *args: self.calls.append((name, *args)) or answers[name]
+
+
+@pytest.mark.parametrize("pci_works", [True, False])
+def test_describe_device_reads_a_cuda_device_through_torch_and_nvml_standins(monkeypatch, pci_works):
+    """The bench's device description on a GPU: torch's properties, then NVML's handle matched by PCI
+    address (else by index), its name, clocks and power limit."""
+    import sys
+    from types import SimpleNamespace
+
+    from ddpm_fast import telemetry
+
+    props = SimpleNamespace(name="NVIDIA H200", major=9, minor=0, multi_processor_count=132,
+                            total_memory=143771 * 2**20, pci_domain_id=0, pci_bus_id=0x1B, pci_device_id=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    nv = _FakeNvml(pci_works)
+    monkeypatch.setitem(sys.modules, "pynvml", nv)
+    info = telemetry.describe_device("cuda")
+    assert info["name"] == "NVIDIA H200" and info["compute_capability"] == "9.0" and info["sm_count"] == 132
+    assert info["memory_total_mib"] == 143771 and not info["cpu_only"]
+    assert info["nvml"] and info["nvml_error"] is None and info["driver_version"] == "580.159.04"
+    assert info["nvml_name"] == "NVIDIA H200" and info["power_limit_w"] == 700.0
+    assert (info["max_sm_clock_mhz"], info["max_mem_clock_mhz"]) == (1980, 3201)
+    assert ("nvmlDeviceGetHandleByPciBusId", b"00000000:1B:00.0") in nv.calls
+    handle = "handle-by-pci" if pci_works else "handle-by-index"
+    assert ("nvmlDeviceGetMaxClockInfo", handle) in nv.calls and ("nvmlShutdown",) in nv.calls

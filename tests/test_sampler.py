@@ -341,11 +341,25 @@ def test_bad_constructor_arguments(unet, kwargs, error, match):
     (dict(n=1, seeds=[1], generator=torch.Generator()), ValueError, "not both"),
     (dict(n=2, generator=[torch.Generator()] * 3), ValueError, "one per image"),
     (dict(n=1, generator="cpu"), TypeError, "Generator"),
+    (dict(n=2, generator=[torch.Generator(), "cpu"]), TypeError, "Generator or a list"),
+    (dict(seeds=[1, "two"]), TypeError, "sequence of ints"),
 ])
 def test_bad_sample_arguments(unet, kwargs, error, match):
     sampler = FastSampler(unet, NoiseSchedule.linear(1000), timesteps=2)
     with pytest.raises(error, match=match):
         sampler.sample(**kwargs)
+
+
+def test_solver_arguments_given_twice_or_of_the_wrong_type(unet):
+    from ddpm_fast import solvers
+
+    schedule = NoiseSchedule.linear(1000)
+    with pytest.raises(TypeError, match="solver_options must be a dict"):
+        FastSampler(unet, schedule, solver="unipc", solver_options=[("order", 2)])
+    with pytest.raises(ValueError, match="not both"):
+        FastSampler(unet, schedule, solver=solvers.solver_spec("unipc"), solver_options={"order": 2})
+    with pytest.raises(ValueError, match="eta in the SolverSpec or as eta="):
+        FastSampler(unet, schedule, solver=solvers.solver_spec("ddim", eta=0.0), eta=1.0)
 
 
 def test_other_arguments_are_type_checked(unet):
