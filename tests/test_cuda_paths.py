@@ -450,3 +450,26 @@ def test_describe_device_reads_a_cuda_device_through_torch_and_nvml_standins(mon
     assert ("nvmlDeviceGetHandleByPciBusId", b"00000000:1B:00.0") in nv.calls
     handle = "handle-by-pci" if pci_works else "handle-by-index"
     assert ("nvmlDeviceGetMaxClockInfo", handle) in nv.calls and ("nvmlShutdown",) in nv.calls
+
+
+@pytest.mark.parametrize("asked,local_rank,world,want", [
+    ("cuda", "1", "2", "cuda:1"),          # under torchrun "cuda" is cuda:LOCAL_RANK
+    (None, "0", "2", "cuda:0"),            # no device: CUDA when available, then the same rule
+    ("cuda:1", "1", "2", "cuda:1"),        # naming one's own GPU is fine
+    ("cuda:0", "1", "2", "names one GPU for 2 processes"),
+    ("cuda", "2", "3", "LOCAL_RANK 2 but only 2 GPUs here"),
+    ("meta", "0", "1", "is not supported"),
+])
+def test_resolve_device_under_torchrun_with_two_gpus_stood_in(monkeypatch, asked, local_rank, world, want):
+    """distributed.resolve_device's CUDA rules with torch.cuda's availability and count stood in."""
+    from ddpm_fast.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name, value in (("RANK", local_rank), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", world)):
+        monkeypatch.setenv(name, value)
+    if want.startswith("cuda"):
+        assert resolve_device(asked) == torch.device(want)
+    else:
+        with pytest.raises(ValueError, match=want):
+            resolve_device(asked)
