@@ -436,3 +436,45 @@ def test_verify_sample_bad_arguments_are_one_line(tmp_path, capsys):
         assert script.main(["--device", "cuda", "--out", str(tmp_path / "x.json")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "no CUDA GPU" in err[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# fetch_wheels.sh: what the GPU image lacks, and nothing else (DRY_RUN: no network)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _wheel(folder: Path, name: str, version: str, requires=()):
+    import zipfile
+
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        meta = "".join(f"Requires-Dist: {r}\n" for r in requires)
+        z.writestr(f"{name}-{version}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n{meta}")
+    return path
+
+
+@needs_bash
+def test_fetch_wheels_walks_requirements_against_the_image_list(tmp_path):
+    """Requirements the image has are left there, missing ones (markers for Python 3.12 on Linux, no
+    extras) are fetched, a wheel nothing needs is removed, one already there is kept (idempotent)."""
+    pytest.importorskip("packaging")
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    shutil.copy(ROOT / "benchmarks" / "fetch_wheels.sh", repo / "benchmarks")
+    whl = repo / ".whl"
+    whl.mkdir()
+    _wheel(whl, "diffusers", "0.42.1", ["numpy", "importlib_metadata", "torch>=2; extra == 'torch'",
+                                         "backport-only; python_version < '3.8'"])
+    _wheel(whl, "stale", "1.0")
+    kinds = tmp_path / "KINDS.md"
+    kinds.write_text("Packages: numpy, torch, zipp.\n")
+    done = subprocess.run(["bash", str(repo / "benchmarks" / "fetch_wheels.sh")], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "DRY_RUN": "1",
+                               "KINDS_MD": str(kinds), "HOME": str(tmp_path)}, cwd=repo, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "have diffusers-0.42.1-py3-none-any.whl" in out and "needs numpy: in the image" in out
+    assert "would fetch importlib_metadata" in out
+    assert "torch" not in out.replace("KINDS", "") and "backport-only" not in out  # extras and other Pythons
+    assert "removing stale-1.0-py3-none-any.whl (not needed)" in out and "lists other packages" in out
+    assert (whl / "stale-1.0-py3-none-any.whl").exists()  # a dry run removes nothing
