@@ -153,7 +153,8 @@ def markdown(record: dict) -> str:
              f"measured so far {record.get('wall_s')} s",
              "", "| step | exit | wall s | cap s | command |", "|---|---|---|---|---|"]
     for s in record["steps"]:
-        lines.append(f"| {s['name']} | {s['rc']}{' (cap hit)' if s['rc'] in (124, 137) else ''} | {s['wall_s']} | "
+        note = " (cap hit)" if s["rc"] in (124, 137) else " (not started: budget spent)" if s["rc"] == 125 else ""
+        lines.append(f"| {s['name']} | {s['rc']}{note} | {s['wall_s']} | "
                      f"{s['cap_s']} | `{s['command'][:200]}` |")
     for s in record["steps"]:
         lines += _step_markdown(s)

@@ -7,7 +7,7 @@
 The fast path is ``FastSampler`` with its defaults on the device (on CUDA: bf16 autocast, channels-last,
 torch.compile, the fused reverse update with in-kernel seeded noise, the step captured as a CUDA graph;
 ``--compile-mode`` swaps only the compile mode). The reference is ``ddpm_fast.reference.sample``, the
-model eager in fp32, fed the same seed-keyed noise. Same weights (random, seeded), same seeds, same
+model eager in fp32 (TF32 off for the whole check), fed the same seed-keyed noise. Same weights (random, seeded), same seeds, same
 ``--steps`` respaced steps, x0 clipped to [-1, 1] (fixed_large variance, Ho's CIFAR-10 sampler).
 
 The tolerance is derived from what bf16 itself does to this chain, not guessed. The same eager
@@ -84,6 +84,17 @@ def eps_coefficients(schedule: NoiseSchedule, steps: list[int]) -> torch.Tensor:
 
 
 def verify(args: argparse.Namespace) -> dict:
+    """The check with TF32 off: cuDNN runs float32 convolutions in TF32 (10-bit mantissa) by default, which
+    would make the fp32 reference (and an fp32 fast path) a TF32 one. The bf16 fast path is unaffected."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return _verify(args)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _verify(args: argparse.Namespace) -> dict:
     from ddpm_fast.sampler import FastSampler
     from ddpm_fast.unet import UNet, UNetConfig
 
@@ -167,6 +178,7 @@ def verify(args: argparse.Namespace) -> dict:
         "torch": torch.__version__, "triton": _triton_version(),
         "model": args.model, "parameters": model.num_parameters(), "batch": args.batch, "steps": len(steps),
         "timesteps": steps, "seeds": seeds, "sampler": settings, "graph_captured": graph_captured,
+        "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
         "warnings": [f"{w.category.__name__}: {w.message}" for w in caught],
         "repeat_identical": torch.equal(fast, repeat),
         "max_abs_diff": max_abs, "mean_abs_diff": diff.mean().item(), "rel_l2": rel_l2, "finite": finite,

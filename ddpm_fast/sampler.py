@@ -323,13 +323,17 @@ class FastSampler:
         batch = min(_check_batch_size(batch_size), total)
         # NaN-filled so a slot the loop failed to write can never pass as an image
         out = torch.full((total, *self.image_shape), float("nan"), dtype=torch.float32, device=self.device)
+        # pad a short last batch with copies of its last seed: images are independent, so the extra rows
+        # are discarded and the batch keeps its compiled graph and capture
+        padded_all = torch.cat([seeds, seeds[-1:].expand(-total % batch)])
+        # every batch's seeds reach the device in one pinned, non-blocking copy: a copy from pageable
+        # memory would make the host wait for the GPU once per batch
+        device_seeds = host_to_device(padded_all, self.device)
         for start in range(0, total, batch):
             chunk = seeds[start:start + batch]
-            # pad a short last batch with copies of its last seed: images are independent, so the extra
-            # rows are discarded and the batch keeps its compiled graph and capture
-            padded = torch.cat([chunk, chunk[-1:].expand(batch - chunk.shape[0])])
+            padded = padded_all[start:start + batch]
             run = self._run_for(batch, generator_noise=False)
-            run.seeds.copy_(padded)
+            run.seeds.copy_(device_seeds[start:start + batch])  # device to device
             # from the CPU seeds (already range-checked): checking device seeds would sync
             x_T = ops.seeded_noise(padded, self.schedule.num_timesteps, self.image_shape, device=self.device,
                                    backend=self.update_backend)  # noise step T
@@ -457,6 +461,7 @@ class FastSampler:
             run.pool = torch.cuda.graph_pool_handle()
             run.counter.copy_(saved_counter)
         graph = torch.cuda.CUDAGraph()
+        caller_stream = torch.cuda.current_stream(self.device)
         try:
             with torch.cuda.graph(graph, pool=run.pool, stream=torch.cuda.Stream(self.device)):
                 for _ in range(steps):
@@ -466,6 +471,11 @@ class FastSampler:
                           RuntimeWarning, stacklevel=3)
             run.eager = True
             graph = None
+        finally:
+            # torch.cuda.graph ends the capture before it restores the caller's stream: when capture_end
+            # raises, the capture stream stays current, and the eager steps would run on it unordered
+            # with the caller's work
+            torch.cuda.set_stream(caller_stream)
         # capture records kernels without running them, but a failed capture may have run some: restore
         for buffer, saved in zip(run.state, saved_state):
             buffer.copy_(saved)
