@@ -6,9 +6,10 @@ sizes agree; then every image is decoded, converted and, with ``image_size``, re
 straight into its row of the output. Both passes run in worker processes, a chunk of files per task; the
 decode pass writes into the memory-mapped output file, so no pixels travel between processes.
 
-Labels: EDM's ``dataset.json`` (``{"labels": [["00000/img00000000.png", 6], ...]}``) in the zip or folder,
-else class folders (every image inside a first-level subfolder: label = the subfolder's index in sorted
-order, as torchvision's ImageFolder numbers them).
+Labels: EDM's ``dataset.json`` (``{"labels": [["00000/img00000000.png", 6], ...]}``, or ``null``) in the
+zip or folder; else, in a folder (not a zip: EDM's ``00000/`` subfolders are chunks), class folders: every
+image inside a first-level subfolder, label = the subfolder's index in sorted order (torchvision's
+ImageFolder numbering).
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def list_image_files(path: Path, sources_hint: str = "") -> ImageFiles:
     if meta_text is not None:
         files.labels = _edm_labels(meta_text, str(path), names)
         files.label_source = "dataset.json" if files.labels is not None else None
-    if files.labels is None:
+    if meta_text is None and not is_zip:  # EDM's subfolders (00000/, 00001/) are chunks, not classes
         files.labels, files.class_names = _class_folder_labels(names)
         files.label_source = "class folders" if files.labels is not None else None
     return files
