@@ -298,3 +298,36 @@ def test_cuda_feeding_has_no_host_wait():
     for ref, a, b in zip(reference[1:], got_resident, got_staged):
         assert torch.equal(ref, a.cpu()) and torch.equal(ref, b.cpu())
     staged.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# training: the weights do not depend on the feeding path
+
+
+def _train_config(tmp_path, data, out, **kw):
+    from ddpm_fast.training import TrainConfig
+
+    base = dict(data=str(data), out=str(tmp_path / out), preset="tiny", steps=9, batch_size=6, flip=True,
+                save_every=4, sample_every=0, log_every=3, progress=False, unet={"block_out_channels": [8, 16]},
+                device="cpu", data_cache=str(tmp_path / "cache"))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_weights_equal_from_cache_memory_and_after_resume_mid_epoch(tmp_path):
+    from ddpm_fast.checkpoint import load_checkpoint
+    from ddpm_fast.training import train
+
+    torch.set_num_threads(1)
+    np.save(tmp_path / "x.npy", _rand_uint8((20, 8, 8, 3), seed=8))  # 3 batches of 6 per epoch
+    cached = train(_train_config(tmp_path, tmp_path / "x.npy", "cached"))
+    memory = train(_train_config(tmp_path, tmp_path / "x.npy", "memory", data_cache="off"))
+    # stopped at step 4 (mid-epoch 1), resumed to 9 from the prepared folder, read into RAM this time
+    train(_train_config(tmp_path, tmp_path / "x.npy", "resumed", steps=4))
+    resumed = train(_train_config(tmp_path, tmp_path / "x.npy", "resumed", resume=True, data_in_memory=True))
+    assert resumed.resumed_from == 4
+    weights = [load_checkpoint(r.run_dir) for r in (cached, memory, resumed)]
+    assert all(w.step == 9 for w in weights)
+    for name, value in weights[0].model.items():
+        assert torch.equal(value, weights[1].model[name]) and torch.equal(value, weights[2].model[name]), name
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # the prepared folder and its lock, once

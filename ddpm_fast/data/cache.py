@@ -134,7 +134,7 @@ def _write_array_source(x_source, name: str, out: Path, image_size, channels, la
         if x_source.dtype != np.uint8:
             raise FloatSourceError(f"{name} holds {x_source.dtype} images: prepared data is uint8, so it stays "
                                    "in memory (pass it to train directly; prepare-data takes 8-bit sources)")
-        first = array_to_nchw(np.asarray(x_source[:1]), name, (-1.0, 1.0), numpy_layout=True)
+        first = array_to_nchw(np.array(x_source[:1]), name, (-1.0, 1.0), numpy_layout=True)
     else:
         first = x_source[:1]
     first = convert_channels(first, channels)
@@ -148,7 +148,7 @@ def _write_array_source(x_source, name: str, out: Path, image_size, channels, la
     step = max(1, _CHUNK_BYTES // per_image)
     for lo in range(0, n, step):
         part = x_source[lo:lo + step]
-        x = part if is_tensor else array_to_nchw(np.asarray(part), name, (-1.0, 1.0), numpy_layout=True)
+        x = part if is_tensor else array_to_nchw(np.array(part), name, (-1.0, 1.0), numpy_layout=True)
         x = convert_channels(x, channels)
         if image_size is not None:
             x = resize_nchw(x, image_size)

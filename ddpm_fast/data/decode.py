@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import zipfile
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,39 +202,48 @@ def _decode_chunk(root: Path, is_zip: bool, names: list[str], start: int, mode: 
 # many images
 
 
-def _run(tasks, workers: int, bar_total: int, progress: bool, desc: str):
-    """Run (fn, args, size) tasks, in order of submission; in worker processes when workers > 1.
-    Yields each task's result in submission order; the first error cancels the rest."""
+def _run(tasks, pool, bar_total: int, progress: bool, desc: str) -> list:
+    """Run (fn, args, size) tasks, here (pool None) or in the worker pool; results in submission order.
+    The first error cancels the tasks not yet started and is raised."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=bar_total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
     try:
-        if workers <= 1:
+        if pool is None:
+            results = []
             for fn, args, size in tasks:
-                yield fn(*args)
+                results.append(fn(*args))
                 bar.update(size)
-            return
-        # fork: the workers touch only Pillow and NumPy, and start in milliseconds
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            futures = [pool.submit(fn, *args) for fn, args, _ in tasks]
-            sizes = {f: size for f, (_, _, size) in zip(futures, tasks)}
-            pending = set(futures)
-            try:
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                    for f in done:
-                        if f.exception() is not None:
-                            raise f.exception()
-                        bar.update(sizes[f])
-            except BaseException:
-                for f in pending:
-                    f.cancel()
-                raise
-            for f in futures:
-                yield f.result()
+            return results
+        futures = [pool.submit(fn, *args) for fn, args, _ in tasks]
+        sizes = {f: size for f, (_, _, size) in zip(futures, tasks)}
+        pending = set(futures)
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    if f.exception() is not None:
+                        raise f.exception()
+                    bar.update(sizes[f])
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+        return [f.result() for f in futures]
     finally:
         bar.close()
+
+
+@contextmanager
+def _pool(workers: int):
+    if workers <= 1:
+        yield None
+        return
+    # fork: the workers touch only Pillow and NumPy, and start in milliseconds
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        yield pool
 
 
 def decode_images(files: ImageFiles, *, image_size: int | None, channels: int | None,
@@ -257,31 +267,32 @@ def decode_images(files: ImageFiles, *, image_size: int | None, channels: int | 
     if n < _SERIAL_BELOW:
         workers = 1
     chunks = [(i, names[i:i + _CHUNK]) for i in range(0, n, _CHUNK)]
-    if channels is None or image_size is None:
-        tasks = [(_headers, (files.root, files.is_zip, chunk), len(chunk)) for _, chunk in chunks]
-        heads = [h for part in _run(tasks, workers, n, progress, "read headers") for h in part]
-        if channels is None:
-            channels = 1 if all(m in _GRAYSCALE_MODES for m, _ in heads) else 3
-        if image_size is None:
-            first = heads[0][1]
-            other = next((i for i, (_, s) in enumerate(heads) if s != first), None)
-            if other is not None:
-                raise DataError(
-                    f"images in {files.root} have different sizes ({names[0]} is {first[0]}x{first[1]}, "
-                    f"{names[other]} is {heads[other][1][0]}x{heads[other][1][1]}): pass an image size "
-                    "(image_size=N, --image-size N) to resize and center-crop them")
-            w, h = first
+    with _pool(workers) as pool:
+        if channels is None or image_size is None:
+            tasks = [(_headers, (files.root, files.is_zip, chunk), len(chunk)) for _, chunk in chunks]
+            heads = [h for part in _run(tasks, pool, n, progress, "read headers") for h in part]
+            if channels is None:
+                channels = 1 if all(m in _GRAYSCALE_MODES for m, _ in heads) else 3
+            if image_size is None:
+                first = heads[0][1]
+                other = next((i for i, (_, s) in enumerate(heads) if s != first), None)
+                if other is not None:
+                    raise DataError(
+                        f"images in {files.root} have different sizes ({names[0]} is {first[0]}x{first[1]}, "
+                        f"{names[other]} is {heads[other][1][0]}x{heads[other][1][1]}): pass an image size "
+                        "(image_size=N, --image-size N) to resize and center-crop them")
+                w, h = first
+            else:
+                h = w = image_size
         else:
             h = w = image_size
-    else:
-        h = w = image_size
-    shape = (n, h, w, channels)
-    mode = "L" if channels == 1 else "RGB"
-    if out_file is not None:
-        out_file = str(allocate(shape))
-    tasks = [(_decode_chunk, (files.root, files.is_zip, chunk, start, mode, image_size, out_file, shape), len(chunk))
-             for start, chunk in chunks]
-    parts = list(_run(tasks, workers, n, progress, "decode"))
+        shape = (n, h, w, channels)
+        mode = "L" if channels == 1 else "RGB"
+        if out_file is not None:
+            out_file = str(allocate(shape))
+        tasks = [(_decode_chunk, (files.root, files.is_zip, chunk, start, mode, image_size, out_file, shape),
+                  len(chunk)) for start, chunk in chunks]
+        parts = _run(tasks, pool, n, progress, "decode")
     if out_file is not None:
         return None, shape
     return np.concatenate(parts) if len(parts) > 1 else parts[0], shape
