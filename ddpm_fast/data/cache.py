@@ -83,15 +83,25 @@ def cache_path_for(source, *, image_size=None, channels=None, split="train", arr
 
 
 def source_fingerprint(path: Path) -> str:
-    """sha256 of (relative path, size, mtime) of every file the source holds: changes when any file does."""
+    """sha256 of (relative path, size, mtime) of every file the source holds: changes when any file does.
+    One ``stat`` per file (``os.scandir`` gives the file type for free): ~20k files in well under a second."""
     path = Path(path)
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for p in files:
-        st = p.stat()
-        h.update(f"{p.relative_to(path).as_posix() if path.is_dir() else p.name}\0{st.st_size}\0{st.st_mtime_ns}\n"
-                 .encode())
-    return h.hexdigest()
+    if not path.is_dir():
+        st = path.stat()
+        return hashlib.sha256(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode()).hexdigest()
+    entries = []
+
+    def walk(folder: str, prefix: str) -> None:
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=True):
+                    walk(e.path, prefix + e.name + "/")
+                elif e.is_file(follow_symlinks=True):
+                    st = e.stat()
+                    entries.append(f"{prefix}{e.name}\0{st.st_size}\0{st.st_mtime_ns}\n")
+
+    walk(str(path), "")
+    return hashlib.sha256("".join(sorted(entries)).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
