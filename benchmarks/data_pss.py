@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from package_under_test import check, leave_repo  # noqa: E402
 
 _EPOCH_WORKER = r"""
 import os, sys, time
@@ -42,8 +44,8 @@ else:
     ds = load_dataset(data)
 dist.init_process_group("gloo")
 from ddpm_fast.data import BatchStream
-stream = BatchStream(ds, 512, 0)
-for _ in range(len(ds) // 512):
+stream = BatchStream(ds, 64, 0)
+for _ in range(len(ds) // 64):
     next(stream)
 dist.barrier()
 if dist.get_rank() == 0:
@@ -112,6 +114,11 @@ def main() -> None:
     p.add_argument("--tmp", type=Path, default=Path("/tmp/i18_pss"))
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    args.old, args.tmp = args.old.resolve(), args.tmp.resolve()
+    args.out = args.out.resolve() if args.out else None
+    leave_repo(args.tmp.parent)
+    check(REPO)
+    check(args.old)
     sys.path.insert(0, str(REPO))
     args.tmp.mkdir(parents=True, exist_ok=True)
     npy = args.tmp / "big.npy"

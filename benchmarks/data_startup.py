@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from package_under_test import check, leave_repo  # noqa: E402
 
 _MEASURE = r"""
 import json, os, resource, sys, time
@@ -98,6 +100,11 @@ def main() -> None:
     p.add_argument("--tmp", type=Path, default=Path("/tmp/i18_bench"))
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    args.old, args.tmp = args.old.resolve(), args.tmp.resolve()
+    args.out = args.out.resolve() if args.out else None
+    leave_repo(args.tmp.parent)
+    check(REPO)
+    check(args.old)
 
     folder = args.tmp / f"png{args.images}_{args.size}"
     t0 = time.perf_counter()

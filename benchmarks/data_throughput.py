@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from package_under_test import check, leave_repo  # noqa: E402
 CASES = {32: (50_000, 128), 256: (4_000, 32)}  # size: (images, batch)
 
 _MEASURE = r"""
@@ -46,7 +48,7 @@ else:
     elif variant == "mmap, prefetched":
         stream = BatchStream(ds, batch, 0)
     else:  # the staged path's host half, inline: gather uint8 rows into a buffer, flip on the host
-        from ddpm_fast.data.batches import _Plans, _Slicer
+        from ddpm_fast.data.batches import _Plans, _Slicer, flip_rows_
         slicer = _Slicer(_Plans(len(ds), 0, True, None), len(ds) // batch, batch, 0, 1)
         _, h, w, c = ds.pixels.shape
         buf = torch.empty((batch, h, w, c), dtype=torch.uint8)
@@ -56,7 +58,7 @@ else:
                 idx, flips = slicer(self.n)
                 self.n += 1
                 b = ds.gather_pixels(idx, out=buf)
-                b.copy_(torch.where(flips.view(-1, 1, 1, 1), b.flip(2), b))
+                flip_rows_(b, flips)
                 return b
         stream = Host()
 for _ in range(3):
@@ -90,6 +92,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    args.old, args.tmp = args.old.resolve(), args.tmp.resolve()
+    args.out = args.out.resolve() if args.out else None
+    leave_repo(args.tmp.parent)
+    check(REPO)
+    check(args.old)
     sys.path.insert(0, str(REPO))
     from ddpm_fast.data import prepare_data
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from package_under_test import check, leave_repo  # noqa: E402
 STEPS, BATCH, N_IMAGES = 50, 16, 232  # 14 batches per epoch: step 20 is mid-epoch 1, and so is the kill
 
 
@@ -65,6 +67,11 @@ def main() -> None:
     p.add_argument("--tmp", type=Path, default=Path("/tmp/i18_weights"))
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    args.old, args.tmp = args.old.resolve(), args.tmp.resolve()
+    args.out = args.out.resolve() if args.out else None
+    leave_repo(args.tmp.parent)
+    check(REPO)
+    check(args.old)
     shutil.rmtree(args.tmp, ignore_errors=True)
     args.tmp.mkdir(parents=True)
     data = args.tmp / "images.npy"
@@ -76,14 +83,14 @@ def main() -> None:
                                     ("today's loader (ef18338)", args.old, ())]:
         out = args.tmp / name.split()[0].replace("'", "")
         t0 = time.perf_counter()
-        done = subprocess.run(_cmd(data, out, *extra, "--log-every", "5"), env=_env(pythonpath, cache),
+        done = subprocess.run(_cmd(data, out, *extra), env=_env(pythonpath, cache),
                               capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(done.stderr[-3000:])
         runs[name], times[name] = out, time.perf_counter() - t0
     killed = args.tmp / "killed"
-    cmd = _cmd(data, killed, "--log-every", "1")
-    killed_at = _kill_mid_epoch(cmd, _env(REPO, cache), killed, 27)
+    cmd = _cmd(data, killed)
+    killed_at = _kill_mid_epoch(cmd, _env(REPO, cache), killed, 25)  # the log has every 5th step
     done = subprocess.run(cmd + ["--resume"], env=_env(REPO, cache), capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])

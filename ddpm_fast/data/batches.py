@@ -32,7 +32,7 @@ import torch
 
 from ..checks import host_to_device
 from ..errors import DataError
-from .dataset import ImageDataset, to_float_nchw
+from .dataset import ImageDataset, flip_rows_, to_float_nchw
 
 __all__ = ["BatchStream", "epoch_plan", "PREFETCH_DEPTH"]
 
@@ -167,6 +167,15 @@ class _StagingRing:
         self.free.put((i, event))
 
 
+def _assemble(dataset: ImageDataset, slicer: _Slicer, n: int, channels_last: bool) -> torch.Tensor:
+    """Batch n, float NCHW where the dataset lives: flipped on the host in place, on a device by torch.where."""
+    idx, flips = slicer(n)
+    pixels = dataset.gather_pixels(idx)
+    if flips is not None and pixels.device.type == "cpu":
+        pixels, flips = flip_rows_(pixels, flips), None
+    return to_float_nchw(pixels, flips, channels_last=channels_last)
+
+
 class BatchStream:
     """An endless stream of random batches, a pure function of (seed, number of batches drawn).
 
@@ -245,8 +254,7 @@ class BatchStream:
     # assembly -------------------------------------------------------------------------------------
     def _assemble(self, slicer: _Slicer, n: int) -> torch.Tensor:
         """Batch n, float NCHW on the dataset's device (every path but the staged one)."""
-        idx, flips = slicer(n)
-        return to_float_nchw(self.dataset.gather_pixels(idx), flips, channels_last=self.channels_last)
+        return _assemble(self.dataset, slicer, n, self.channels_last)
 
     def _start(self) -> None:
         slicer = _Slicer(_Plans(len(self.dataset), self.seed, self.flip, None), self.batches_per_epoch,
@@ -264,12 +272,11 @@ class BatchStream:
                 i = ring.acquire(stop)
                 buf = dataset.gather_pixels(idx, out=ring.buffers[i])
                 if flips is not None:  # on the host, in place: the upload then carries finished pixels
-                    buf.copy_(torch.where(flips.view(-1, 1, 1, 1), buf.flip(2), buf))
+                    flip_rows_(buf, flips)
                 return i
         else:
             def make(n, stop):
-                idx, flips = slicer(n)
-                return to_float_nchw(dataset.gather_pixels(idx), flips, channels_last=channels_last)
+                return _assemble(dataset, slicer, n, channels_last)
 
         self._producer = _Prefetcher(make, self.batches_drawn, PREFETCH_DEPTH)
         self._finalizer = weakref.finalize(self, self._producer.close)
@@ -292,7 +299,11 @@ class BatchStream:
         if self.prefetch:
             if self._producer is None:
                 self._start()
-            item = self._producer.take(n)
+            try:
+                item = self._producer.take(n)
+            except BaseException:
+                self.close()  # the thread has stopped; a retry starts a fresh one at the same batch
+                raise
             batch = self._upload(item) if self.staged else item
         else:
             batch = self._assemble(self._direct, n)

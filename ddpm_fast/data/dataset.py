@@ -15,7 +15,19 @@ import torch
 
 from ..errors import DataError
 
-__all__ = ["ImageDataset", "to_float_nchw"]
+__all__ = ["ImageDataset", "to_float_nchw", "flip_rows_"]
+
+
+def flip_rows_(pixels: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right, in place, the images of a host (B, H, W, C) batch whose bool ``flips`` is True.
+
+    Only the flipped rows are copied (an ``index_copy_``; ``torch.where`` would write every row twice):
+    about half the cost. Reading the mask's indices (``nonzero``) is free on the host; a device batch
+    uses :func:`to_float_nchw`'s ``flips`` instead, which never waits for the device."""
+    rows = flips.nonzero().squeeze(1)
+    if rows.numel():
+        pixels.index_copy_(0, rows, pixels.index_select(0, rows).flip(2))
+    return pixels
 
 
 def to_float_nchw(pixels: torch.Tensor, flips: torch.Tensor | None = None, *,
