@@ -318,7 +318,8 @@ class BatchStream:
         """Stop the background thread (a later ``next`` starts it again)."""
         if self._finalizer is not None:
             self._finalizer()
-        self._producer, self._finalizer = None, None
+        # buffers the stopped thread filled ahead never come back to the ring: a restart takes fresh ones
+        self._producer, self._finalizer, self._ring = None, None, None
 
     # state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
