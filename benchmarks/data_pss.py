@@ -29,7 +29,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from package_under_test import check, leave_repo  # noqa: E402
+from package_under_test import parse  # noqa: E402
 
 _EPOCH_WORKER = r"""
 import os, sys, time
@@ -108,17 +108,9 @@ def _torchrun(args: list[str], pythonpath: Path, cache: Path) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--old", type=Path, required=True)
     p.add_argument("--images", type=int, default=44_000)
     p.add_argument("--size", type=int, default=128)
-    p.add_argument("--tmp", type=Path, default=Path("/tmp/i18_pss"))
-    p.add_argument("--out", type=Path)
-    args = p.parse_args()
-    args.old, args.tmp = args.old.resolve(), args.tmp.resolve()
-    args.out = args.out.resolve() if args.out else None
-    leave_repo(args.tmp.parent)
-    check(REPO)
-    check(args.old)
+    args = parse(p, "/tmp/i18_pss")
     sys.path.insert(0, str(REPO))
     args.tmp.mkdir(parents=True, exist_ok=True)
     npy = args.tmp / "big.npy"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from package_under_test import check, leave_repo  # noqa: E402
+from package_under_test import parse  # noqa: E402
 
 _MEASURE = r"""
 import json, os, resource, sys, time
@@ -92,19 +92,11 @@ def run(kind: str, folder: Path, extra: dict, pythonpath: Path, env_extra: dict 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--old", type=Path, required=True, help="today's package (git archive ef18338 ddpm_fast | tar -x)")
     p.add_argument("--images", type=int, default=20000)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workers", type=int, default=os.cpu_count())
-    p.add_argument("--tmp", type=Path, default=Path("/tmp/i18_bench"))
-    p.add_argument("--out", type=Path)
-    args = p.parse_args()
-    args.old, args.tmp = args.old.resolve(), args.tmp.resolve()
-    args.out = args.out.resolve() if args.out else None
-    leave_repo(args.tmp.parent)
-    check(REPO)
-    check(args.old)
+    args = parse(p, "/tmp/i18_bench")
 
     folder = args.tmp / f"png{args.images}_{args.size}"
     t0 = time.perf_counter()

@@ -19,14 +19,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from package_under_test import check, leave_repo  # noqa: E402
+from package_under_test import parse  # noqa: E402
 CASES = {32: (50_000, 128), 256: (4_000, 32)}  # size: (images, batch)
 
 _MEASURE = r"""
@@ -86,17 +85,9 @@ VARIANTS = ["today", "memory, inline", "mmap, inline", "mmap, prefetched", "mmap
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--old", type=Path, required=True)
-    p.add_argument("--tmp", type=Path, default=Path("/tmp/i18_throughput"))
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--out", type=Path)
-    args = p.parse_args()
-    args.old, args.tmp = args.old.resolve(), args.tmp.resolve()
-    args.out = args.out.resolve() if args.out else None
-    leave_repo(args.tmp.parent)
-    check(REPO)
-    check(args.old)
+    args = parse(p, "/tmp/i18_throughput")
     sys.path.insert(0, str(REPO))
     from ddpm_fast.data import prepare_data
 

@@ -25,7 +25,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from package_under_test import check, leave_repo  # noqa: E402
+from package_under_test import parse  # noqa: E402
 STEPS, BATCH, N_IMAGES = 50, 16, 232  # 14 batches per epoch: step 20 is mid-epoch 1, and so is the kill
 
 
@@ -63,15 +63,7 @@ def _kill_mid_epoch(cmd, env, run: Path, at_step: int) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--old", type=Path, required=True)
-    p.add_argument("--tmp", type=Path, default=Path("/tmp/i18_weights"))
-    p.add_argument("--out", type=Path)
-    args = p.parse_args()
-    args.old, args.tmp = args.old.resolve(), args.tmp.resolve()
-    args.out = args.out.resolve() if args.out else None
-    leave_repo(args.tmp.parent)
-    check(REPO)
-    check(args.old)
+    args = parse(p, "/tmp/i18_weights")
     shutil.rmtree(args.tmp, ignore_errors=True)
     args.tmp.mkdir(parents=True)
     data = args.tmp / "images.npy"

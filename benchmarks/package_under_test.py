@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def leave_repo(folder: Path) -> None:
     """Make ``folder`` (outside the repository) the working folder every child inherits."""
@@ -24,3 +26,19 @@ def check(pythonpath: Path) -> None:
                          capture_output=True, text=True).stdout.strip()
     if not got.startswith(str(pythonpath.resolve())):
         raise SystemExit(f"a child with PYTHONPATH={pythonpath} imports ddpm_fast from {got}")
+
+
+def parse(p, tmp_default: str):
+    """Add --old, --tmp and --out to the argparse parser ``p``, parse, resolve the paths (before leaving the
+    repository), make the children run outside it and check both packages. Returns the arguments."""
+    p.add_argument("--old", type=Path, required=True,
+                   help="today's package: git archive ef18338 ddpm_fast | tar -x -C DIR")
+    p.add_argument("--tmp", type=Path, default=Path(tmp_default), help="scratch folder (large files)")
+    p.add_argument("--out", type=Path, help="results JSON")
+    args = p.parse_args()
+    args.old, args.tmp = args.old.resolve(), args.tmp.resolve()
+    args.out = args.out.resolve() if args.out else None
+    leave_repo(args.tmp.parent)
+    check(REPO)
+    check(args.old)
+    return args
