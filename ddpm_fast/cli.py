@@ -27,8 +27,15 @@ def _add_train(sub) -> None:
                        description="Train a DDPM. The run folder gets config.json, log.jsonl, checkpoints/ and "
                                    "samples/; --resume continues a run exactly where its last checkpoint left it.")
     p.add_argument("--data", default=None,
-                   help="'digits' (bundled 8x8 digits, the default), an image folder, a CIFAR-10 batch folder "
-                        "or a .npz/.npy file")
+                   help="'digits' (bundled 8x8 digits, the default), an image folder, a .zip of images (EDM's "
+                        "dataset_tool format), a CIFAR-10 batch folder, a .npz/.npy file, or a folder made by "
+                        "prepare-data")
+    p.add_argument("--data-cache", metavar="DIR",
+                   help="where a file source is decoded once and found again by every later run (default: "
+                        "$DDPM_FAST_DATA_CACHE or ~/.cache/ddpm-fast/data); 'off': decode into memory each start")
+    p.add_argument("--data-in-memory", action="store_true",
+                   help="read the prepared images into RAM instead of memory-mapping them")
+    p.add_argument("--data-workers", type=positive_int, help="processes decoding image files (default: one per CPU)")
     p.add_argument("--image-size", type=positive_int,
                    help="resize the shorter side to this and center-crop square (default: the data's size)")
     p.add_argument("--channels", type=int, choices=[1, 3], help="convert to grayscale (1) or RGB (3)")
@@ -76,7 +83,8 @@ def _run_train(args) -> int:
                          save_every=args.save_every, sample_every=args.sample_every, seed=args.seed,
                          device=args.device, compile=args.compile, resume=args.resume, progress=args.progress,
                          unet=unet, fid_every=args.fid_every or 0, fid_ref=args.fid_ref,
-                         inception_weights=args.inception_weights,
+                         inception_weights=args.inception_weights, data_cache=args.data_cache,
+                         data_in_memory=args.data_in_memory, data_workers=args.data_workers,
                          **({"fid_samples": args.fid_samples} if args.fid_samples else {}))
     result = train(config)
     if env_rank() != 0:  # rank 0 speaks for the job
@@ -103,6 +111,41 @@ def _stop_status(signal_name: str) -> int:
         return 128 + signal.Signals[signal_name].value
     except KeyError:  # another rank's signal stopped this one
         return 128 + signal.SIGTERM.value
+
+
+def _add_prepare_data(sub) -> None:
+    p = sub.add_parser("prepare-data", help="decode a dataset once into a memory-mappable uint8 folder",
+                       description="Decode SOURCE (an image folder, a .zip of images as EDM's dataset_tool.py "
+                                   "writes them, a CIFAR-10 batch folder, or a uint8 .npz/.npy) once, in parallel "
+                                   "processes, into DIR: images.npy (uint8 NHWC), labels.npy where the source has "
+                                   "labels, and meta.json. train --data DIR memory-maps it: the processes of a "
+                                   "machine share one copy. Written under a temporary name and renamed when done.")
+    p.add_argument("source", help="an image folder, a .zip of images, a CIFAR-10 batch folder or a uint8 .npz/.npy")
+    p.add_argument("--out", help="the folder to write (default: the cache folder train would use, under "
+                                 "--data-cache)")
+    p.add_argument("--data-cache", metavar="DIR", help="the cache root used without --out (default: "
+                                                       "$DDPM_FAST_DATA_CACHE or ~/.cache/ddpm-fast/data)")
+    p.add_argument("--image-size", type=positive_int,
+                   help="resize the shorter side to this (bicubic) and center-crop square (default: the data's size)")
+    p.add_argument("--channels", type=int, choices=[1, 3], help="convert to grayscale (1) or RGB (3)")
+    p.add_argument("--split", default="train", choices=["train", "test", "all"], help="CIFAR-10 batches to read")
+    p.add_argument("--array-key", help=".npz only: the array to read")
+    p.add_argument("--workers", type=positive_int, help="decoding processes (default: one per CPU, up to 16)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_run_prepare_data)
+
+
+def _run_prepare_data(args) -> int:
+    from .data import open_prepared, prepare_data, read_meta
+
+    out = prepare_data(args.source, args.out, image_size=args.image_size, channels=args.channels, split=args.split,
+                       array_key=args.array_key, workers=args.workers, progress=args.progress,
+                       cache_root=args.data_cache)
+    meta = read_meta(out)
+    labels = meta["labels"]
+    label_note = f", {labels['count']} labels from {labels['from']}" if labels else ", no labels"
+    print(f"prepared {out}: {open_prepared(out).describe()}{label_note}; sha256 {meta['sha256'][:16]}")
+    return 0
 
 
 def _add_sample(sub) -> None:
@@ -358,9 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"ddpm-fast {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,fid-stats,fid,demo,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,prepare-data,sample,fid-stats,fid,demo,bench}")
     sub.required = True
     _add_train(sub)
+    _add_prepare_data(sub)
     _add_sample(sub)
     _add_fid_stats(sub)
     _add_fid(sub)

@@ -107,6 +107,10 @@ class TrainConfig:
     fid_every / fid_ref / fid_samples / inception_weights: every ``fid_every`` steps (and at the end; 0: off)
     log the FID of ``fid_samples`` EMA samples (seeds 0.., ``sample_steps`` steps) against ``fid_ref``
     (see ``ddpm_fast.fid``) into log.jsonl, with torch-fidelity's Inception from ``inception_weights``.
+    data_cache / data_in_memory / data_workers: where a raw file source is decoded once (a folder; None:
+    ``data.default_cache_root()``; "off": decode into memory every start, as for 'digits' and float arrays),
+    whether the prepared images are read into RAM instead of memory-mapped, and the decoding processes.
+    None of them changes the batches, so a resumed run may change them.
     """
 
     data: str | None = None
@@ -142,6 +146,9 @@ class TrainConfig:
     fid_ref: str | None = None
     fid_samples: int = 5000
     inception_weights: str | None = None
+    data_cache: str | None = None
+    data_in_memory: bool = False
+    data_workers: int | None = None
 
     def resolved(self) -> "TrainConfig":
         """A copy with every None replaced by the preset's (or the device's) default, validated."""
@@ -233,7 +240,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, dataset=None, group: Group | None = None):
-        from .data import BatchStream, load_dataset
+        from .data import BatchStream
         from .unet import UNet
 
         self.config = config = _label_data(config, dataset).resolved()
@@ -242,8 +249,7 @@ class Trainer:
             raise ValueError(_indivisible_batch(config.batch_size, group.world_size))
         self.device = torch.device(config.device)
         if dataset is None:
-            dataset = load_dataset(config.data, image_size=config.image_size, channels=config.channels,
-                                   flip=config.flip)
+            dataset = training_dataset(config)
         self.dataset = dataset
         channels, height, width = dataset.shape
         if height != width:
@@ -265,7 +271,10 @@ class Trainer:
             torch.manual_seed(_mix_seed(config.seed, _DROPOUT_KEY, group.rank))
         on_cuda = self.device.type == "cuda"
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, fused=True if on_cuda else None)
-        self.stream = BatchStream(dataset, config.batch_size, config.seed, flip=config.flip, device=self.device)
+        # each rank reads only its share of every global batch; assembled ahead, in a background thread
+        self.stream = BatchStream(dataset, config.batch_size, config.seed, flip=config.flip, device=self.device,
+                                  rank=group.rank, world_size=group.world_size,
+                                  channels_last=bool(config.channels_last))
         self.step = 0
         self._params = [p for p in self.model.parameters()]
         self._ema_params = [p for p in self.ema.parameters()]
@@ -322,10 +331,7 @@ class Trainer:
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step; returns (loss, gradient norm before clipping) as 0-dim device tensors."""
-        x0 = next(self.stream)
-        if self.group.world_size > 1:  # every rank draws the same global batch and keeps its slice
-            share = x0.shape[0] // self.group.world_size
-            x0 = x0[self.group.rank * share:(self.group.rank + 1) * share]
+        x0 = next(self.stream)  # this rank's slice of the global batch
         if self.config.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         for group in self.optimizer.param_groups:
@@ -433,6 +439,24 @@ def _indivisible_batch(batch_size: int, world_size: int) -> str:
             f"use {options}")
 
 
+def training_dataset(config: TrainConfig):
+    """The run's images: a raw file source decoded once into the cache and memory-mapped (the torchrun ranks
+    of one job wait for the first to build it, then share its pages); 'digits', float arrays and
+    ``data_cache="off"`` load into memory. Under torchrun only rank 0 shows the decoding bar."""
+    from .data import FloatSourceError, cached_dataset, load_dataset
+    from .distributed import env_rank
+
+    if config.data == "digits" or config.data_cache == "off":
+        return load_dataset(config.data, image_size=config.image_size, channels=config.channels, flip=config.flip,
+                            workers=config.data_workers)
+    try:
+        return cached_dataset(config.data, image_size=config.image_size, channels=config.channels, flip=config.flip,
+                              cache_root=config.data_cache, workers=config.data_workers,
+                              progress=config.progress and env_rank() == 0, in_memory=config.data_in_memory)
+    except FloatSourceError:
+        return load_dataset(config.data, image_size=config.image_size, channels=config.channels, flip=config.flip)
+
+
 def _label_data(config: TrainConfig, dataset) -> TrainConfig:
     """With an in-memory dataset and no ``data``, record where the images came from (config.json shows it)."""
     if dataset is None or config.data is not None:
@@ -473,7 +497,8 @@ def _prepare_config(config: TrainConfig) -> tuple[TrainConfig, Path | None]:
     # Settings that may change between sessions: length, cadence, device and speed knobs.
     for name in ("steps", "save_every", "sample_every", "sample_steps", "log_every", "keep_checkpoints",
                  "compile", "dtype", "channels_last", "device", "progress", "num_sample_images",
-                 "fid_every", "fid_ref", "fid_samples", "inception_weights"):
+                 "fid_every", "fid_ref", "fid_samples", "inception_weights",
+                 "data_cache", "data_in_memory", "data_workers"):
         value = getattr(config, name)
         default = TrainConfig.__dataclass_fields__[name].default
         if name in ("compile", "dtype", "channels_last", "device"):
@@ -513,10 +538,7 @@ def train(config: TrainConfig, *, dataset=None, on_log=None, fid_extractor=None)
     if config.batch_size % world:  # checked before the group starts: every rank fails the same way
         raise DDPMFastError(_indivisible_batch(config.batch_size, world))
     if dataset is None:  # before joining, too: a bad --data is one line from rank 0, not one per rank
-        from .data import load_dataset
-
-        dataset = load_dataset(config.data, image_size=config.image_size, channels=config.channels,
-                               flip=config.flip)
+        dataset = training_dataset(config)
     with process_group(config.device) as group:
         config = dataclasses.replace(config, device=str(group.device))
         with collective_errors("training"):

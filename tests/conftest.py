@@ -16,6 +16,16 @@ if not torch.cuda.is_available():
 
 from markers import NEEDS_CUDA_REASON  # noqa: E402  (after TRITON_INTERPRET: markers asks triton)
 
+# Training on a file source decodes it into the data cache: keep the tests' caches out of the home folder
+# (subprocesses inherit the variable).
+if "DDPM_FAST_DATA_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["DDPM_FAST_DATA_CACHE"] = tempfile.mkdtemp(prefix="ddpm-fast-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["DDPM_FAST_DATA_CACHE"], True)
+
 # Two CPU cores in CI: more threads only add contention between torch's pools.
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
