@@ -255,7 +255,7 @@ def _fid_of_samples(fid: dict, images) -> dict:
         return {}
     collector, ref = fid["collector"], fid["ref"]
     for lo in range(0, len(images), DEFAULT_FID_BATCH):
-        block = np.ascontiguousarray(images[lo:lo + DEFAULT_FID_BATCH])
+        block = np.array(images[lo:lo + DEFAULT_FID_BATCH])  # a writable copy of the memory-mapped rows
         collector.add_uint8(torch.from_numpy(block).permute(0, 3, 1, 2))
     mu, sigma = collector.stats.mean_cov()  # this rank's own sums: no all_reduce, rank 0 saw every image
     return {"fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), "fid_num_samples": collector.stats.n,
