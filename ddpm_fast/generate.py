@@ -11,9 +11,14 @@
    format: ``arr_0``, uint8, NHWC) and optionally one PNG per image.
 
 :func:`sample_to_folder` runs all three and records how in ``run.json``; it is what ``ddpm-fast sample``
-calls. Under torchrun (or any initialized process group) the seed batches are dealt to the ranks as EDM's
-generate.py deals them (:func:`ddpm_fast.distributed.deal`); since image i depends on seed i alone, the
-images are those of a single process.
+calls. It survives preemption: the seeds are cut into fixed chunks of ``batch_size``, the finished chunks'
+images go to a memory-mapped spool in ``DIR/unfinished/`` after every round with a record of the chunks
+done (``sample_progress.py``), SIGTERM/SIGINT stop after the round in flight, and ``resume=True`` samples
+the missing chunks only: the same bytes as an uninterrupted run, at any world size. Under torchrun (or
+any initialized process group) the missing chunks are dealt to the ranks round by round; since image i
+depends on seed i alone (and each chunk is always sampled as one batch), the images are those of a single
+process. :func:`generate` (no folder) deals batches as EDM's generate.py does
+(:func:`ddpm_fast.distributed.deal`).
 """
 
 from __future__ import annotations
@@ -282,7 +287,7 @@ def _image_sampler(model, schedule, seeds, *, steps, variance, clip_x0, referenc
 
 
 def _generate_dealt(model, schedule, seeds, *, batch_size, group: Group, progress: bool, on_batch=None,
-                    keep: bool = True, on_round=None, **options):
+                    keep: bool = True, **options):
     """This rank's share of the seeds: (positions in ``seeds``, float32 (n, C, H, W) CPU images).
 
     Every rank loops over the same number of batches (:func:`deal`), so the per-batch count of images
@@ -290,8 +295,6 @@ def _generate_dealt(model, schedule, seeds, *, batch_size, group: Group, progres
     on_batch: ``f(images, batch_seeds)`` called on each of this rank's batches as it comes off the
     sampler (the hook FID features are taken from). keep: False drops each batch after ``on_batch``
     (the images returned are then empty): memory holds one batch whatever the number of seeds.
-    on_round: ``f(images or None, batch)`` called on every rank at every round, in step (None when this
-    rank's batch of the round is empty), for per-round collectives such as gathering the images.
     """
     from tqdm.auto import tqdm
 
@@ -311,8 +314,6 @@ def _generate_dealt(model, schedule, seeds, *, batch_size, group: Group, progres
                 if keep:
                     out.append(images)
                     positions.extend(batch)
-            if on_round is not None:
-                on_round(images if len(batch) else None, batch)
             bar.update(group.sum_int(len(batch)))
     finally:
         bar.close()
@@ -456,7 +457,7 @@ def sample_to_folder(source, out_dir, seeds, *, steps=None, variance: str | None
     if resume and state.kind == "new":
         raise sp.SampleFolderError(f"--resume: {out_dir} holds no unfinished sampling run: run without --resume "
                                    "to start one")
-    if not resume and state.kind == "unfinished":
+    if not resume and state.kind == "unfinished" and state.progress.seeds_done() > 0:  # 0 done: nothing to lose
         p = state.progress
         raise sp.SampleFolderError(f"{out_dir} holds an unfinished run ({p.seeds_done():,} of {p.num_images:,} "
                                    f"seeds done): add --resume to continue it, or delete {p.folder} to start over")
@@ -501,13 +502,15 @@ def sample_to_folder(source, out_dir, seeds, *, steps=None, variance: str | None
                    batch_size=batch_size, solver=spec)
     with process_group(device) as group:
         model = model.to(group.device)
+        # the sampler checks its settings before the folder is touched
+        sample = _image_sampler(model, schedule, seeds, device=group.device, **options)
         progress_record = None
         if group.is_main:
             progress_record = state.progress if resume else sp.Progress.start(out_dir, record)
         done = group.all_objects(sorted(progress_record.done) if progress_record else None)[0]
-        run = _SamplingRun(model, schedule, seeds, out_dir, group=group, record=record, done=set(done),
+        run = _SamplingRun(sample, model, seeds, out_dir, group=group, done=set(done), record=record,
                            progress_record=progress_record, png_per_image=png_per_image, progress=progress,
-                           device=group.device, **options)
+                           batch_size=batch_size)
         run.sample_missing()
         seconds = time.perf_counter() - start
         result = SampleResult({"images": out_dir / "images"} if png_per_image else {}, len(seeds), meta,
@@ -534,13 +537,13 @@ class _SamplingRun:
     spool and records the chunks done (``sample_progress.Progress``).
     """
 
-    def __init__(self, model, schedule, seeds, out_dir: Path, *, group: Group, record: dict, done: set,
-                 progress_record, png_per_image: bool, progress: bool, batch_size: int, **options):
+    def __init__(self, sample, model, seeds, out_dir: Path, *, group: Group, record: dict, done: set,
+                 progress_record, png_per_image: bool, progress: bool, batch_size: int):
         from .sample_progress import chunk_positions
 
-        self.model, self.schedule, self.seeds, self.out_dir, self.group = model, schedule, seeds, out_dir, group
+        self.sample, self.model, self.seeds, self.out_dir, self.group = sample, model, seeds, out_dir, group
         self.record, self.done, self.store = record, done, progress_record
-        self.png_per_image, self.progress, self.batch_size, self.options = png_per_image, progress, batch_size, options
+        self.png_per_image, self.progress, self.batch_size = png_per_image, progress, batch_size
         self.num_chunks = -(-len(seeds) // batch_size)
         self.chunk = lambda c: chunk_positions(len(seeds), batch_size, c)
         self.seeds_done = self.resumed_from = sum(len(self.chunk(c)) for c in done)
@@ -574,8 +577,6 @@ class _SamplingRun:
                 "device": str(group.device), "seeds_done": self.seeds_done})
             self.store.write()
         spool = self.store.open_spool() if self.store is not None else None
-        sample = _image_sampler(self.model, self.schedule, self.seeds, batch_size=self.batch_size,
-                                **self.options) if missing else None
         bar = tqdm(total=len(self.seeds), initial=self.seeds_done, desc="sample", unit="img", dynamic_ncols=True,
                    disable=not (self.progress and group.is_main))
         stop = StopSignals(announce=group.is_main, finishing="finishing this round of samples, then saving the "
@@ -593,7 +594,7 @@ class _SamplingRun:
                     pixels = np.zeros((0, *spool_shape(self.model)), np.uint8)
                     if positions:
                         chunk_seeds = [self.seeds[i] for i in positions]
-                        pixels = to_uint8_nhwc(sample(chunk_seeds))
+                        pixels = to_uint8_nhwc(self.sample(chunk_seeds))
                         if self.png_per_image:  # before the gather: a chunk is recorded only once its PNGs exist
                             save_pngs(pixels, self.out_dir / "images", names=_png_names(chunk_seeds))
                     every = group.all_objects((chunk, positions))
