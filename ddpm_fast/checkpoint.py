@@ -82,7 +82,7 @@ class Checkpoint:
     path: Path
     step: int | None
     config: dict
-    model: dict[str, torch.Tensor]
+    model: dict[str, torch.Tensor] | None  # None only when load_checkpoint was asked for the EMA alone
     ema: dict[str, torch.Tensor] | None
     state: dict | None
 
@@ -306,10 +306,12 @@ def _load_state(path: Path, map_location) -> dict:
     return state
 
 
-def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True, map_location="cpu") -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True, map_location="cpu",
+                    weights: tuple[str, ...] = ("model", "ema")) -> Checkpoint:
     """Load a checkpoint from a run folder (its latest), a step folder or a single ``.safetensors`` file.
 
-    with_state: also read ``state.pt`` (needed to resume; not to sample). A single file gives its
+    with_state: also read ``state.pt`` (needed to resume; not to sample). weights: which of a folder's
+    weight files to read (and verify); the other is None (sampling reads one: half the bytes to check). A single file gives its
     weights in ``model`` and no ``ema``; its config comes from its metadata or a ``config.json`` beside it.
     Raises CheckpointError (one line, naming the file) on anything missing, truncated or foreign.
     """
@@ -339,8 +341,8 @@ def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True, map_loc
             )
     config = _check_run_config(read_json(folder / CONFIG_FILE), folder / CONFIG_FILE)
     verify_file(folder / CONFIG_FILE)
-    model, _ = load_weights_file(folder / MODEL_FILE)
-    ema, _ = load_weights_file(folder / EMA_FILE)
+    model = load_weights_file(folder / MODEL_FILE)[0] if "model" in weights else None
+    ema = load_weights_file(folder / EMA_FILE)[0] if "ema" in weights else None
     state = _load_state(folder / STATE_FILE, map_location) if with_state else None
     step = state["step"] if state is not None else _step_from_name(folder)
     return Checkpoint(folder, step, config, model, ema, state)

@@ -176,7 +176,7 @@ def load_model_source(source, *, use_ema: bool = True, device=None):
         meta = {"kind": "diffusers", "path": str(unet_folder), "step": None, "weights": "model",
                 "weights_file": str(weights_file), **defaults}
     else:
-        ckpt = load_checkpoint(path, with_state=False)
+        ckpt = load_checkpoint(path, with_state=False, weights=("ema",) if use_ema else ("model",))
         take_ema = use_ema and ckpt.ema is not None
         weights = ckpt.ema if take_ema else ckpt.model
         weights_file = ckpt.path if ckpt.path.is_file() else ckpt.path / (EMA_FILE if take_ema else MODEL_FILE)
