@@ -154,8 +154,16 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all 1000; fewer for a smoke run)")
     p.add_argument("--work", type=Path, default=None)
+    p.add_argument("--load-cost-only", action="store_true", help="only the CIFAR-10 load-time figure")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
+    if args.load_cost_only:
+        with tempfile.TemporaryDirectory() as work:
+            result = {"cifar10_load_check": _load_cost(Path(work)), "host": os.uname().nodename,
+                      "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return
     from ddpm_fast.generate import parse_seeds
 
     n = len(parse_seeds(args.seeds))

@@ -519,7 +519,12 @@ def sample_to_folder(source, out_dir, seeds, *, steps=None, variance: str | None
                               progress_seconds=run.progress_seconds)
         if run.stopped_by is not None:
             return result
-        result.paths.update(run.finish(after, seconds))
+        try:
+            result.paths.update(run.finish(after, seconds))
+        except OSError as exc:  # a full disk at the end: the spool and its record are still whole
+            raise OSError(exc.errno, f"{exc.strerror or exc} while writing the final files (all {len(seeds):,} "
+                                     f"images kept in {out_dir / 'unfinished'}; fix it and run again with "
+                                     "--resume)", exc.filename) from None
         result.hook_seconds, result.extra, result.samples_sha256 = run.after_seconds, run.extra, run.samples_sha256
         group.barrier()  # no rank leaves before the folder is complete
         return result

@@ -178,7 +178,7 @@ class Progress:
         """Append this run of the command to ``sessions`` (a previous one that never ended was killed)."""
         for old in self.sessions:
             if old.get("ended") is None:
-                old["ended"] = "killed (no clean stop: the rounds in flight were lost)"
+                old["ended"] = "killed or failed (no clean stop: the rounds in flight were lost)"
         entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "ended": None,
                  "seeds_done_before": self.seeds_done(), **entry}
         self.sessions.append(entry)

@@ -262,7 +262,7 @@ def test_kill_9_inside_a_flush_loses_at_most_the_round_in_flight(run_dir, uninte
     assert resumed.resumed_from == 6
     assert _files(out) == _files(uninterrupted)
     sessions = json.loads((out / "run.json").read_text())["sessions"]
-    assert sessions[0]["ended"].startswith("killed") and sessions[1]["ended"] == "finished"
+    assert sessions[0]["ended"].startswith("killed or failed") and sessions[1]["ended"] == "finished"
 
 
 _RANKS = textwrap.dedent("""
@@ -357,3 +357,20 @@ def test_fid_after_a_resume_equals_the_uninterrupted_fid_exactly(run_dir, tmp_pa
 
 
 _ORIGINAL_SAMPLER = generate_module._image_sampler
+
+
+def test_full_disk_at_the_end_keeps_every_image(run_dir, uninterrupted, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "s"
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(out / "samples.npz"))
+
+    monkeypatch.setattr(generate_module, "_write_npz_from_spool", full)
+    argv = ["sample", str(run_dir), "--out", str(out), "--seeds", "0-12", "--steps", "4", "--batch-size", "3",
+            "--device", "cpu", "--png-per-image", "--no-progress"]
+    assert cli.main(argv) == 2
+    assert "No space left on device while writing the final files (all 13 images kept" in error_line(capsys)
+    monkeypatch.undo()
+    assert Progress.load(out).seeds_done() == 13
+    assert cli.main(argv + ["--resume"]) == 0
+    assert _files(out) == _files(uninterrupted)
