@@ -104,8 +104,9 @@ def _bit_flip(run: Path, work: Path) -> dict:
             "wrote_samples": (work / "flipped_out" / "samples.npz").exists()}
 
 
-def _load_cost(work: Path, repeats: int = 7) -> dict:
-    """load_model_source on the CIFAR-10 U-Net's checkpoint with and without the sha256 check, interleaved."""
+def _load_cost(work: Path, repeats: int = 9) -> dict:
+    """load_model_source on the CIFAR-10 U-Net's checkpoint without the sha256 check, with it after the
+    safetensors parse and with it beside the parse (a thread: what load_weights_file does), interleaved."""
     import torch
 
     import ddpm_fast.checkpoint as ck
@@ -124,15 +125,30 @@ def _load_cost(work: Path, repeats: int = 7) -> dict:
                                 state={})
     save_s = time.perf_counter() - t0
     del model
-    verify = ck.verify_file
-    with_check, without = [], []
+    verify, threaded = ck.verify_file, ck.load_weights_file
+
+    def unchecked(path):
+        ck.verify_file = lambda p: None
+        try:
+            return threaded(path)
+        finally:
+            ck.verify_file = verify
+
+    def sequential(path):  # the check after the parse instead of beside it
+        out = unchecked(path)
+        verify(path)
+        return out
+
+    times: dict = {"without_check": [], "check_after_parse": [], "check_beside_parse": []}
     for _ in range(repeats):
-        for checked, into in ((True, with_check), (False, without)):
-            ck.verify_file = verify if checked else (lambda path: None)
+        for name, load in (("without_check", unchecked), ("check_after_parse", sequential),
+                           ("check_beside_parse", threaded)):
+            ck.load_weights_file = load
             t0 = time.perf_counter()
             load_model_source(run)
-            into.append(time.perf_counter() - t0)
-    ck.verify_file = verify
+            times[name].append(time.perf_counter() - t0)
+    ck.load_weights_file = threaded
+    with_check, without = times["check_beside_parse"], times["without_check"]
     sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
     t0 = time.perf_counter()
     file_sha256(folder / ck.EMA_FILE)
@@ -142,6 +158,8 @@ def _load_cost(work: Path, repeats: int = 7) -> dict:
             "load_with_check_s": {"median": statistics.median(with_check), "min": min(with_check)},
             "load_without_check_s": {"median": statistics.median(without), "min": min(without)},
             "added_s_median": statistics.median(with_check) - statistics.median(without),
+            "check_after_parse_s": {"median": statistics.median(times["check_after_parse"]),
+                                    "min": min(times["check_after_parse"])},
             "sha256_of_ema_s": hash_s, "sha256_GB_per_s": sizes[ck.EMA_FILE] / hash_s / 1e9,
             "save_checkpoint_s": save_s}
 

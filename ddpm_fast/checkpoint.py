@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -261,14 +262,18 @@ def load_weights_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error type (or OSError) with a long message
-        reason = str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__
-        raise CheckpointError(f"{path} is truncated or not a safetensors file ({reason})") from None
-    verify_file(path)  # after the parse: a truncated file is named as such, a flipped bit by the record
+    # the sha256 check runs beside the parse (hashlib releases the GIL); a truncated file is named as such
+    # first, a flipped bit then by the record
+    with ThreadPoolExecutor(1) as pool:
+        check = pool.submit(verify_file, path)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own error type (or OSError) with a long message
+            reason = str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__
+            raise CheckpointError(f"{path} is truncated or not a safetensors file ({reason})") from None
+        check.result()
     return strip_compile_prefix(tensors), metadata
 
 
