@@ -219,8 +219,6 @@ def inspect_folder(out_dir, run_file: str) -> FolderState:
         return FolderState("foreign", what=f"its {run_file} was not written by this version of ddpm-fast sample")
     if (out_dir / "checkpoints").is_dir() or (out_dir / "log.jsonl").is_file():
         return FolderState("foreign", what="it is a training run folder (ddpm-fast train)")
-    if (out_dir / "fid.json").is_file() or any(out_dir.glob("*.npz")):
-        return FolderState("foreign", what="it holds files of another command but no sampling record")
     return FolderState("new")
 
 
