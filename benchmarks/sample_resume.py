@@ -189,7 +189,8 @@ def main() -> None:
     a, b = work / "A", work / "B"
     for folder in (a, b):
         shutil.rmtree(folder, ignore_errors=True)
-    result = {"run": str(args.run), "seeds": args.seeds, "batch_size": args.batch_size, "steps": args.steps or "all (1000)",
+    result = {"run": str(args.run), "seeds": args.seeds, "batch_size": args.batch_size,
+              "steps": args.steps or "all (1000)",
               "threads": "OMP_NUM_THREADS=1 per process", "host": os.uname().nodename,
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     log: list = []

@@ -137,8 +137,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--clip", dest="clip", action="store_true", default=None,
                    help="clip the predicted x0 to [-1, 1] each step (the default)")
     p.add_argument("--no-clip", dest="clip", action="store_false")
-    p.add_argument("--batch-size", type=positive_int, help="images per batch (does not change the images; --resume keeps the "
-                                                         "folder's)")
+    p.add_argument("--batch-size", type=positive_int,
+                   help="images per batch (does not change the images; --resume keeps the folder's)")
     p.add_argument("--png-per-image", action="store_true", help="also write DIR/images/NNNNNN.png, named by seed")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
     p.add_argument("--reference", action="store_true",

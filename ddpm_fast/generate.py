@@ -154,7 +154,8 @@ def load_model_source(source, *, use_ema: bool = True, device=None):
     local or a hub id.
     use_ema: the EMA weights (default) or the raw weights of a checkpoint.
     Returns the model in eval mode on ``device`` (default CPU), its NoiseSchedule, and meta: a dict with
-    "kind", "path", "step", "weights", "weights_file" (the file the weights came from) and the sampling defaults "variance", "clip_x0" and "solver".
+    "kind", "path", "step", "weights", "weights_file" (the file the weights came from) and the sampling
+    defaults "variance", "clip_x0" and "solver".
     Raises CheckpointError (one line) for anything that cannot be loaded.
     """
     path = resolve_source(source)
