@@ -317,8 +317,8 @@ def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True, map_loc
 
     with_state: also read ``state.pt`` (needed to resume; not to sample). weights: which of a folder's
     weight files to read (and verify); the other is None (sampling reads one: half the bytes to check).
-    A single file gives its
-    weights in ``model`` and no ``ema``; its config comes from its metadata or a ``config.json`` beside it.
+    A single file gives its weights in ``model`` and no ``ema``; its config comes from its metadata or a
+    ``config.json`` beside it.
     Raises CheckpointError (one line, naming the file) on anything missing, truncated or foreign.
     """
     path = Path(path)
