@@ -175,22 +175,24 @@ def _run_sample(args) -> int:
     if args.fid is not None:  # reference and weights first: a bad --fid fails before any sampling
         fid = _fid_setup(args.fid, args.inception_weights, args.device, args.batch_size)
         fid_hooks = {"after": lambda group, images: _fid_of_samples(fid, images)}
+    def stop_line(result) -> str:
+        again = " (under torchrun as before, at any number of processes)" if _world_size() > 1 else ""
+        return (f"ddpm-fast: stopped by {result.stopped_by} after {result.seeds_done:,} of {result.num_images:,} "
+                f"images, progress kept in {args.out}; continue with: {_resume_command(args)}{again}")
+
     result = sample_to_folder(args.source, args.out, seeds, steps=args.steps, variance=args.variance,
                               clip_x0=args.clip, reference=args.reference, batch_size=args.batch_size,
                               png_per_image=args.png_per_image, use_ema=args.ema, device=args.device,
                               solver=args.solver, solver_options=options, progress=args.progress,
-                              resume=args.resume, **fid_hooks)
+                              resume=args.resume, stop_line=stop_line, **fid_hooks)
+    if result.stopped_by:  # rank 0 has said so, from inside the group
+        return _stop_status(result.stopped_by)
     if env_rank() != 0:  # rank 0 speaks for the job
-        return _stop_status(result.stopped_by) if result.stopped_by else 0
+        return 0
     if result.already_finished:
         print(f"{args.out} is already finished: {result.num_images:,} images, samples.npz sha256 "
               f"{(result.samples_sha256 or '?')[:16]}...; nothing was rewritten")
         return 0
-    if result.stopped_by:
-        again = " (under torchrun as before, at any number of processes)" if _world_size() > 1 else ""
-        print(f"ddpm-fast: stopped by {result.stopped_by} after {result.seeds_done:,} of {result.num_images:,} "
-              f"images, progress kept in {args.out}; continue with: {_resume_command(args)}{again}", file=sys.stderr)
-        return _stop_status(result.stopped_by)
     s, m = result.settings, result.meta
     step = f" step {m['step']}" if m.get("step") is not None else ""
     solver = s["solver"]

@@ -412,7 +412,7 @@ def sample_to_folder(source, out_dir, seeds, *, steps=None, variance: str | None
                      clip_x0: bool | None = None, reference: bool = False, batch_size: int | None = None,
                      png_per_image: bool = False, use_ema: bool = True, device=None,
                      progress: bool = False, solver=None, solver_options: dict | None = None,
-                     after=None, resume: bool = False) -> SampleResult:
+                     after=None, resume: bool = False, stop_line=None) -> SampleResult:
     """Load ``source``, sample one image per seed and write them to ``out_dir`` (see the module docstring),
     with ``out_dir/run.json`` saying what made them. Survives preemption (``sample_progress.py``).
 
@@ -437,6 +437,8 @@ def sample_to_folder(source, out_dir, seeds, *, steps=None, variance: str | None
     after: ``f(group, images) -> dict`` called on every rank once all images are done, inside the process
     group; ``images`` is the finished uint8 (N, H, W, C) array (seed order) on rank 0, None elsewhere.
     Rank 0's dict goes into run.json and SampleResult.extra (e.g. an FID of exactly these images).
+    stop_line: ``f(result) -> str`` printed to stderr by rank 0 when a signal stops the run, while every
+    rank is still in the group (a launcher that sees the other ranks leave may kill rank 0 right after).
     """
     from . import sample_progress as sp
     from .distributed import resolve_device
@@ -519,6 +521,9 @@ def sample_to_folder(source, out_dir, seeds, *, steps=None, variance: str | None
                               seeds_done=run.seeds_done, resumed_from=run.resumed_from,
                               progress_seconds=run.progress_seconds)
         if run.stopped_by is not None:
+            if stop_line is not None and group.is_main:
+                print(stop_line(result), file=sys.stderr, flush=True)
+            group.barrier()
             return result
         try:
             result.paths.update(run.finish(after, seconds))
