@@ -235,6 +235,21 @@ _KILLED = textwrap.dedent("""
                     os._exit(137)
             return replace(src, dst)
         ck.os.replace = dying_replace
+    elif where == "second-signal":  # SIGTERM, then another 1.5 s later (not a repeat): exit at once
+        import signal, time
+        import ddpm_fast.generate as g
+        original = g._image_sampler
+        def wrapped(*args, **kwargs):
+            sample = original(*args, **kwargs)
+            def counted(chunk):
+                count["n"] += 1
+                if count["n"] == 3:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(1.5)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return sample(chunk)
+            return counted
+        g._image_sampler = wrapped
     else:  # killed after the rows reached the spool, before the record names them
         flush = np.memmap.flush
         def dying_flush(self):
@@ -247,15 +262,17 @@ _KILLED = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("where", ["rename", "spool"])
-def test_kill_9_inside_a_flush_loses_at_most_the_round_in_flight(run_dir, uninterrupted, tmp_path, where):
+@pytest.mark.parametrize("where, status", [("rename", 137), ("spool", 137), ("second-signal", 143)])
+def test_kill_9_inside_a_flush_loses_at_most_the_round_in_flight(run_dir, uninterrupted, tmp_path, where, status):
     script = tmp_path / "killed.py"
     script.write_text(_KILLED)
     out = tmp_path / "s"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, str(script), where, str(run_dir), str(out)], env=env,
                           capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert done.returncode == 137, done.stderr[-2000:]
+    assert done.returncode == status, done.stderr[-2000:]
+    if where == "second-signal":
+        assert "second SIGTERM: exiting at once" in done.stderr
     record = Progress.load(out)
     assert record.done == {0, 1} and record.sessions[-1]["ended"] is None
     resumed = sample_to_folder(run_dir, out, SEEDS, resume=True, **OPTS)
