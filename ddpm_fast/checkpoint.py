@@ -13,10 +13,13 @@ A run folder looks like this::
           ema.safetensors          EMA weights, same layout
           config.json              the run config again, so the folder stands alone
           state.pt                 optimizer state, step, RNG states, batch-stream position
+          SHA256SUMS               sha256 of the four files above (``sha256sum -c`` format, integrity.py)
 
 Every file is written to a temporary name in its own folder, flushed to disk (fsync) and renamed into
-place with ``os.replace``, which is atomic on POSIX and Windows. ``latest`` is rewritten last, so a
-process killed at any moment leaves ``latest`` naming a checkpoint whose files are all complete.
+place with ``os.replace``, which is atomic on POSIX and Windows. ``SHA256SUMS`` follows the files it
+records and ``latest`` is rewritten last, so a process killed at any moment leaves ``latest`` naming a
+checkpoint whose files are all complete and recorded. Loading checks every file it reads against that
+record: bits flipped on disk or in a copy are one line naming the file, never silently wrong samples.
 
 Loading names the bad file in a :class:`~ddpm_fast.errors.CheckpointError`: a missing file, a truncated
 or foreign file, weights that do not fit the model. Keys saved from a ``torch.compile``'d module carry an
@@ -29,6 +32,7 @@ import json
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,6 +40,7 @@ from typing import Callable
 import torch
 
 from .errors import CheckpointError
+from .integrity import SUMS_FILE, sums_text, verify_file
 
 __all__ = [
     "Checkpoint",
@@ -49,6 +54,7 @@ __all__ = [
     "atomic_write",
     "write_json_atomic",
     "read_json",
+    "write_sums",
     "RUN_FORMAT",
 ]
 
@@ -77,7 +83,7 @@ class Checkpoint:
     path: Path
     step: int | None
     config: dict
-    model: dict[str, torch.Tensor]
+    model: dict[str, torch.Tensor] | None  # None only when load_checkpoint was asked for the EMA alone
     ema: dict[str, torch.Tensor] | None
     state: dict | None
 
@@ -124,6 +130,13 @@ def write_json_atomic(path: str | os.PathLike, data) -> Path:
     """Write ``data`` as indented JSON through :func:`atomic_write`."""
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_sums(folder: str | os.PathLike, names) -> Path:
+    """Hash the (complete) files ``names`` of ``folder`` into ``folder/SHA256SUMS``, atomically."""
+    folder = Path(folder)
+    text = sums_text(folder, names)
+    return atomic_write(folder / SUMS_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -188,6 +201,7 @@ def save_checkpoint(
     write_json_atomic(folder / CONFIG_FILE, config)
     payload = {"step": int(step), **state}
     atomic_write(folder / STATE_FILE, lambda tmp: torch.save(payload, tmp))
+    write_sums(folder, [MODEL_FILE, EMA_FILE, CONFIG_FILE, STATE_FILE])
     # Last: only now does a loader see the new checkpoint.
     atomic_write(root / LATEST, lambda tmp: tmp.write_text(folder.name + "\n", encoding="utf-8"))
 
@@ -240,20 +254,26 @@ def strip_compile_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 def load_weights_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a safetensors file: (state dict on the CPU with compile prefixes stripped, metadata dict).
 
-    Raises CheckpointError naming the file when it is missing, truncated or not a safetensors file.
+    Raises CheckpointError naming the file when it is missing, truncated, not a safetensors file, or
+    not the bytes its folder's SHA256SUMS records.
     """
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error type (or OSError) with a long message
-        reason = str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__
-        raise CheckpointError(f"{path} is truncated or not a safetensors file ({reason})") from None
+    # the sha256 check runs beside the parse (hashlib releases the GIL); a truncated file is named as such
+    # first, a flipped bit then by the record
+    with ThreadPoolExecutor(1) as pool:
+        check = pool.submit(verify_file, path)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own error type (or OSError) with a long message
+            reason = str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__
+            raise CheckpointError(f"{path} is truncated or not a safetensors file ({reason})") from None
+        check.result()
     return strip_compile_prefix(tensors), metadata
 
 
@@ -285,16 +305,20 @@ def _load_state(path: Path, map_location) -> dict:
     except Exception as exc:  # truncated zip, foreign pickle, wrong file type
         reason = str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__
         raise CheckpointError(f"{path} is truncated or not a ddpm-fast training state ({reason})") from None
+    verify_file(path)
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path} is not a ddpm-fast training state (no 'step' entry)")
     return state
 
 
-def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True, map_location="cpu") -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True, map_location="cpu",
+                    weights: tuple[str, ...] = ("model", "ema")) -> Checkpoint:
     """Load a checkpoint from a run folder (its latest), a step folder or a single ``.safetensors`` file.
 
-    with_state: also read ``state.pt`` (needed to resume; not to sample). A single file gives its
-    weights in ``model`` and no ``ema``; its config comes from its metadata or a ``config.json`` beside it.
+    with_state: also read ``state.pt`` (needed to resume; not to sample). weights: which of a folder's
+    weight files to read (and verify); the other is None (sampling reads one: half the bytes to check).
+    A single file gives its weights in ``model`` and no ``ema``; its config comes from its metadata or a
+    ``config.json`` beside it.
     Raises CheckpointError (one line, naming the file) on anything missing, truncated or foreign.
     """
     path = Path(path)
@@ -322,8 +346,9 @@ def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True, map_loc
                 f"{path} holds no checkpoint yet (expected {CHECKPOINTS}/{LATEST} or {MODEL_FILE})"
             )
     config = _check_run_config(read_json(folder / CONFIG_FILE), folder / CONFIG_FILE)
-    model, _ = load_weights_file(folder / MODEL_FILE)
-    ema, _ = load_weights_file(folder / EMA_FILE)
+    verify_file(folder / CONFIG_FILE)
+    model = load_weights_file(folder / MODEL_FILE)[0] if "model" in weights else None
+    ema = load_weights_file(folder / EMA_FILE)[0] if "ema" in weights else None
     state = _load_state(folder / STATE_FILE, map_location) if with_state else None
     step = state["step"] if state is not None else _step_from_name(folder)
     return Checkpoint(folder, step, config, model, ema, state)

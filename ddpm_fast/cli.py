@@ -150,8 +150,10 @@ def _run_prepare_data(args) -> int:
 
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="sample images from a run, a checkpoint or a diffusers UNet folder",
-                       description="Write DIR/grid.png and DIR/samples.npz (arr_0: uint8 NHWC). Image i is a "
-                                   "pure function of seed i, whatever the batch size.")
+                       description="Write DIR/grid.png, DIR/samples.npz (arr_0: uint8 NHWC) and DIR/run.json. "
+                                   "Image i is a pure function of seed i, whatever the batch size. Progress is "
+                                   "kept in DIR/unfinished/ after every round: SIGTERM/SIGINT stops after the "
+                                   "round in flight, and --resume continues with the same bytes.")
     p.add_argument("source", help="a run folder, a checkpoint (step folder or .safetensors), a diffusers "
                                   "UNet or pipeline folder, or a hub id such as google/ddpm-cifar10-32 (read "
                                   "from the Hugging Face cache; HF_HUB_OFFLINE=1 works once cached)")
@@ -178,7 +180,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--clip", dest="clip", action="store_true", default=None,
                    help="clip the predicted x0 to [-1, 1] each step (the default)")
     p.add_argument("--no-clip", dest="clip", action="store_false")
-    p.add_argument("--batch-size", type=positive_int, help="images per batch (does not change the images)")
+    p.add_argument("--batch-size", type=positive_int,
+                   help="images per batch (does not change the images; --resume keeps the folder's)")
     p.add_argument("--png-per-image", action="store_true", help="also write DIR/images/NNNNNN.png, named by seed")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
     p.add_argument("--reference", action="store_true",
@@ -189,9 +192,12 @@ def _add_sample(sub) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--fid", metavar="REF",
                    help="also compute FID against REF (a statistics .npz from fid-stats or pytorch-fid, a samples.npz "
-                        "or an image folder), features taken batch by batch; printed and written to DIR/fid.json")
+                        "or an image folder), from the finished samples; printed and written to DIR/fid.json")
     _add_inception_weights(p)
-    p.set_defaults(func=_run_sample)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the stopped run in --out with its missing seeds (same settings; under torchrun "
+                        "at any number of processes); on a finished folder, say so and write nothing")
+    p.set_defaults(func=_run_sample, resume_parser=p)
 
 
 def _add_inception_weights(p) -> None:
@@ -211,20 +217,32 @@ def _run_sample(args) -> int:
     fid, fid_hooks = None, {}
     if args.fid is not None:  # reference and weights first: a bad --fid fails before any sampling
         fid = _fid_setup(args.fid, args.inception_weights, args.device, args.batch_size)
-        fid_hooks = {"on_batch": lambda images, _seeds: fid["collector"].add_float(images),
-                     "after": lambda group: _combine_fid(fid)}
+        fid_hooks = {"after": lambda group, images: _fid_of_samples(fid, images)}
+    def stop_line(result) -> str:
+        again = " (under torchrun as before, at any number of processes)" if _world_size() > 1 else ""
+        return (f"ddpm-fast: stopped by {result.stopped_by} after {result.seeds_done:,} of {result.num_images:,} "
+                f"images, progress kept in {args.out}; continue with: {_resume_command(args)}{again}")
+
     result = sample_to_folder(args.source, args.out, seeds, steps=args.steps, variance=args.variance,
                               clip_x0=args.clip, reference=args.reference, batch_size=args.batch_size,
                               png_per_image=args.png_per_image, use_ema=args.ema, device=args.device,
-                              solver=args.solver, solver_options=options, progress=args.progress, **fid_hooks)
-    if env_rank() != 0:
+                              solver=args.solver, solver_options=options, progress=args.progress,
+                              resume=args.resume, stop_line=stop_line, **fid_hooks)
+    if result.stopped_by:  # rank 0 has said so, from inside the group
+        return _stop_status(result.stopped_by)
+    if env_rank() != 0:  # rank 0 speaks for the job
+        return 0
+    if result.already_finished:
+        print(f"{args.out} is already finished: {result.num_images:,} images, samples.npz sha256 "
+              f"{(result.samples_sha256 or '?')[:16]}...; nothing was rewritten")
         return 0
     s, m = result.settings, result.meta
     step = f" step {m['step']}" if m.get("step") is not None else ""
     solver = s["solver"]
     detail = ", ".join(f"{k} {v}" for k, v in solver.items() if k in ("order", "solver_type", "eta"))
     noise = f"{s['variance']}, " if solver["solver"] == "ddpm" else ""
-    print(f"sampled {result.num_images} images from {m['path']}{step} ({m['weights']} weights) with "
+    resumed = f" ({result.resumed_from:,} were done before this resume)" if result.resumed_from else ""
+    print(f"sampled {result.num_images} images{resumed} from {m['path']}{step} ({m['weights']} weights) with "
           f"{s['sampler']}, {solver['solver']}{f' ({detail})' if detail else ''}, {s['steps']} steps, {noise}"
           f"clip {'on' if s['clip_x0'] else 'off'}, on {s['device']} in {result.seconds:.1f} s")
     print(f"wrote {result.paths['grid']}, {result.paths['npz']} and {result.paths['run']}"
@@ -232,6 +250,31 @@ def _run_sample(args) -> int:
     if fid is not None:
         _finish_sample_fid(args, fid, result)
     return 0
+
+
+def _world_size() -> int:
+    from .distributed import env_world_size
+
+    return env_world_size()
+
+
+def _resume_command(args) -> str:
+    """The ``ddpm-fast sample ... --resume`` command line that continues this run (the options as given)."""
+    parser, parts, seen = args.resume_parser, ["ddpm-fast", "sample", args.source, "--out", args.out], {"out"}
+    defaults = vars(parser.parse_args([args.source, "--out", args.out]))  # what each option is when not given
+    for action in parser._actions:
+        dest = action.dest
+        if not action.option_strings or dest in ("help", "resume") or dest in seen:
+            continue
+        seen.add(dest)
+        value = getattr(args, dest, None)
+        if value == defaults.get(dest):
+            continue
+        if action.nargs == 0:  # --clip/--no-clip, --no-ema...: the flag that stores this value
+            parts.append(next(a.option_strings[0] for a in parser._actions if a.dest == dest and a.const == value))
+        else:
+            parts += [action.option_strings[0], str(value)]
+    return shlex.join(parts + ["--resume"])
 
 
 def _fid_setup(ref, weights, device, batch_size) -> dict:
@@ -244,17 +287,23 @@ def _fid_setup(ref, weights, device, batch_size) -> dict:
     return {"extractor": extractor, "ref": reference, "collector": FIDCollector(extractor)}
 
 
-def _combine_fid(fid: dict) -> dict:
-    """On every rank, inside sample_to_folder's process group: sum the feature statistics over the ranks;
-    rank 0 computes the FID. Returns the entries run.json records (empty on the other ranks)."""
-    import torch.distributed as dist
+def _fid_of_samples(fid: dict, images) -> dict:
+    """Rank 0 (``images`` is the finished uint8 (N, H, W, C) array): the FID of exactly these images, their
+    features taken in seed order in fixed batches, so a resumed run's FID equals an uninterrupted run's
+    bit for bit. Returns the entries run.json records (empty on the other ranks)."""
+    import numpy as np
+    import torch
 
+    from .fid import DEFAULT_FID_BATCH
     from .fid_stats import frechet_distance
 
-    collector, ref = fid["collector"], fid["ref"]
-    mu, sigma = collector.finish()  # every rank takes part in the all_reduce
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+    if images is None:
         return {}
+    collector, ref = fid["collector"], fid["ref"]
+    for lo in range(0, len(images), DEFAULT_FID_BATCH):
+        block = np.array(images[lo:lo + DEFAULT_FID_BATCH])  # a writable copy of the memory-mapped rows
+        collector.add_uint8(torch.from_numpy(block).permute(0, 3, 1, 2))
+    mu, sigma = collector.stats.mean_cov()  # this rank's own sums: no all_reduce, rank 0 saw every image
     return {"fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), "fid_num_samples": collector.stats.n,
             "fid_ref": ref["path"], "fid_weights_sha256": fid["extractor"].info["weights_sha256"]}
 
@@ -269,6 +318,7 @@ def _finish_sample_fid(args, fid: dict, result) -> None:
     record = {"fid": value, "num_samples": result.extra["fid_num_samples"], "seeds": args.seeds,
               "ref": ref["path"], "ref_kind": ref["kind"], "ref_num_images": ref["n"], "source": result.meta["path"],
               "weights": result.meta["weights"], "checkpoint_step": result.meta.get("step"), **result.settings,
+              "samples_sha256": result.samples_sha256,
               "sample_seconds": result.seconds, "feature_seconds": result.hook_seconds,
               **{f"inception_{k}" if k != "feature_extractor" else k: v for k, v in fid["extractor"].info.items()}}
     path = write_json_atomic(Path(args.out) / "fid.json", record)

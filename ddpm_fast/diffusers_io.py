@@ -249,6 +249,9 @@ def _load_state_dict_into(unet: UNet, state_dict: dict, source: str) -> UNet:
 
 
 def _read_weights(path: Path) -> dict:
+    from .integrity import verify_file
+
+    verify_file(path)  # a folder ddpm-fast exported carries SHA256SUMS; diffusers' and the hub's do not
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -332,9 +335,10 @@ def save_diffusers_unet(unet: UNet, folder) -> Path:
         raise ValueError(f"{folder} is a file: pass a folder to write the model into")
     folder.mkdir(parents=True, exist_ok=True)
 
-    from .checkpoint import save_safetensors, write_json_atomic
+    from .checkpoint import save_safetensors, write_json_atomic, write_sums
 
     # contiguous CPU copies: safetensors refuses shared or non-contiguous (channels-last) storage
     save_safetensors(folder / SAFETENSORS_NAME, unet.state_dict(), {"format": "pt"})
     write_json_atomic(folder / CONFIG_NAME, diffusers_config_from_unet(unet.config))
+    write_sums(folder, [SAFETENSORS_NAME])  # loading verifies the weights against it (integrity.py)
     return folder

@@ -11,9 +11,14 @@
    format: ``arr_0``, uint8, NHWC) and optionally one PNG per image.
 
 :func:`sample_to_folder` runs all three and records how in ``run.json``; it is what ``ddpm-fast sample``
-calls. Under torchrun (or any initialized process group) the seed batches are dealt to the ranks as EDM's
-generate.py deals them (:func:`ddpm_fast.distributed.deal`); since image i depends on seed i alone, the
-images are those of a single process.
+calls. It survives preemption: the seeds are cut into fixed chunks of ``batch_size``, the finished chunks'
+images go to a memory-mapped spool in ``DIR/unfinished/`` after every round with a record of the chunks
+done (``sample_progress.py``), SIGTERM/SIGINT stop after the round in flight, and ``resume=True`` samples
+the missing chunks only: the same bytes as an uninterrupted run, at any world size. Under torchrun (or
+any initialized process group) the missing chunks are dealt to the ranks round by round; since image i
+depends on seed i alone (and each chunk is always sampled as one batch), the images are those of a single
+process. :func:`generate` (no folder) deals batches as EDM's generate.py does
+(:func:`ddpm_fast.distributed.deal`).
 """
 
 from __future__ import annotations
@@ -149,7 +154,8 @@ def load_model_source(source, *, use_ema: bool = True, device=None):
     local or a hub id.
     use_ema: the EMA weights (default) or the raw weights of a checkpoint.
     Returns the model in eval mode on ``device`` (default CPU), its NoiseSchedule, and meta: a dict with
-    "kind", "path", "step", "weights" and the sampling defaults "variance", "clip_x0" and "solver".
+    "kind", "path", "step", "weights", "weights_file" (the file the weights came from) and the sampling
+    defaults "variance", "clip_x0" and "solver".
     Raises CheckpointError (one line) for anything that cannot be loaded.
     """
     path = resolve_source(source)
@@ -165,9 +171,13 @@ def load_model_source(source, *, use_ema: bool = True, device=None):
         except (ValueError, FileNotFoundError, TypeError) as exc:
             raise CheckpointError(str(exc).splitlines()[0]) from None
         schedule, defaults = _diffusers_schedule(unet_folder)
-        meta = {"kind": "diffusers", "path": str(unet_folder), "step": None, "weights": "model", **defaults}
+        from .diffusers_io import BIN_NAME, SAFETENSORS_NAME
+
+        weights_file = next(unet_folder / n for n in (SAFETENSORS_NAME, BIN_NAME) if (unet_folder / n).is_file())
+        meta = {"kind": "diffusers", "path": str(unet_folder), "step": None, "weights": "model",
+                "weights_file": str(weights_file), **defaults}
     else:
-        ckpt = load_checkpoint(path, with_state=False)
+        ckpt = load_checkpoint(path, with_state=False, weights=("ema",) if use_ema else ("model",))
         take_ema = use_ema and ckpt.ema is not None
         weights = ckpt.ema if take_ema else ckpt.model
         weights_file = ckpt.path if ckpt.path.is_file() else ckpt.path / (EMA_FILE if take_ema else MODEL_FILE)
@@ -177,7 +187,7 @@ def load_model_source(source, *, use_ema: bool = True, device=None):
         except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{ckpt.path} carries an invalid schedule config ({exc})") from None
         meta = {"kind": "file" if ckpt.path.is_file() else "checkpoint", "path": str(ckpt.path),
-                "step": ckpt.step, "weights": "ema" if take_ema else "model",
+                "step": ckpt.step, "weights": "ema" if take_ema else "model", "weights_file": str(weights_file),
                 "variance": "fixed_large", "clip_x0": True, "solver": solver_spec("ddpm")}
     model.eval().requires_grad_(False)
     if device is not None:
@@ -278,7 +288,7 @@ def _image_sampler(model, schedule, seeds, *, steps, variance, clip_x0, referenc
 
 
 def _generate_dealt(model, schedule, seeds, *, batch_size, group: Group, progress: bool, on_batch=None,
-                    keep: bool = True, on_round=None, **options):
+                    keep: bool = True, **options):
     """This rank's share of the seeds: (positions in ``seeds``, float32 (n, C, H, W) CPU images).
 
     Every rank loops over the same number of batches (:func:`deal`), so the per-batch count of images
@@ -286,8 +296,6 @@ def _generate_dealt(model, schedule, seeds, *, batch_size, group: Group, progres
     on_batch: ``f(images, batch_seeds)`` called on each of this rank's batches as it comes off the
     sampler (the hook FID features are taken from). keep: False drops each batch after ``on_batch``
     (the images returned are then empty): memory holds one batch whatever the number of seeds.
-    on_round: ``f(images or None, batch)`` called on every rank at every round, in step (None when this
-    rank's batch of the round is empty), for per-round collectives such as gathering the images.
     """
     from tqdm.auto import tqdm
 
@@ -307,8 +315,6 @@ def _generate_dealt(model, schedule, seeds, *, batch_size, group: Group, progres
                 if keep:
                     out.append(images)
                     positions.extend(batch)
-            if on_round is not None:
-                on_round(images if len(batch) else None, batch)
             bar.update(group.sum_int(len(batch)))
     finally:
         bar.close()
@@ -377,9 +383,15 @@ def _write_pixels(pixels: np.ndarray, out_dir, *, seeds=None, png_per_image: boo
 
 @dataclass
 class SampleResult:
-    """What :func:`sample_to_folder` did: files written, the settings used and how long it took
-    (``seconds``: sampling; ``hook_seconds``: in ``on_batch``, e.g. FID features; ``extra``: what ``after``
-    returned)."""
+    """What :func:`sample_to_folder` did: files written, the settings used and how long it took.
+
+    seconds: sampling in this session; hook_seconds: in ``after`` (e.g. FID features); extra: what
+    ``after`` returned. stopped_by: the signal that stopped the run early ("SIGTERM", ...; None when it
+    finished); seeds_done: images on disk now; resumed_from: images that were on disk when this session
+    began (0 for a fresh run); already_finished: ``--resume`` found the folder finished and wrote nothing;
+    progress_seconds: time rank 0 spent writing the spool and the progress record. samples_sha256:
+    samples.npz's (rank 0), as run.json records it.
+    """
 
     paths: dict
     num_images: int
@@ -388,152 +400,308 @@ class SampleResult:
     seconds: float
     hook_seconds: float = 0.0
     extra: dict | None = None
+    stopped_by: str | None = None
+    seeds_done: int = 0
+    resumed_from: int = 0
+    already_finished: bool = False
+    progress_seconds: float = 0.0
+    samples_sha256: str | None = None
 
 
 def sample_to_folder(source, out_dir, seeds, *, steps=None, variance: str | None = None,
                      clip_x0: bool | None = None, reference: bool = False, batch_size: int | None = None,
                      png_per_image: bool = False, use_ema: bool = True, device=None,
                      progress: bool = False, solver=None, solver_options: dict | None = None,
-                     on_batch=None, after=None) -> SampleResult:
+                     after=None, resume: bool = False, stop_line=None) -> SampleResult:
     """Load ``source``, sample one image per seed and write them to ``out_dir`` (see the module docstring),
-    with ``out_dir/run.json`` saying what made them.
+    with ``out_dir/run.json`` saying what made them. Survives preemption (``sample_progress.py``).
 
     variance / clip_x0: None takes the source's defaults (fixed_large with clipping for ddpm-fast runs;
     a diffusers pipeline's scheduler settings). device: None = CUDA when available (``cuda:LOCAL_RANK``
-    under torchrun). Under torchrun every rank samples its dealt share of the seeds; rank 0 writes
-    samples.npz (seed order), grid.png and run.json, and with ``png_per_image`` each rank writes the
-    PNGs of its own seeds. progress: a bar of images done across all ranks.
-    solver: None takes the source's (DDPM for ddpm-fast runs; a diffusers pipeline's scheduler with its
-    settings); solver_options: keyword arguments of ``solvers.solver_spec`` (order, solver_type,
-    corrector, timestep_spacing...), with ``solver`` only. steps: None = all T for ddpm/ddim,
-    DEFAULT_SOLVER_STEPS for the multistep solvers. run.json records the solver under "sampling".
-    on_batch: ``f(images, batch_seeds)`` called on every rank for each of its batches as they come off
-    the sampler (float32 (B, C, H, W) CPU images in [-1, 1]), e.g. FID features.
-    after: ``f(group) -> dict`` called on every rank after sampling, inside the process group (so it can
-    combine what on_batch gathered across ranks); rank 0's dict goes into run.json and SampleResult.extra.
+    under torchrun). solver: None takes the source's (DDPM for ddpm-fast runs; a diffusers pipeline's
+    scheduler with its settings); solver_options: keyword arguments of ``solvers.solver_spec`` (order,
+    solver_type, corrector, timestep_spacing...), with ``solver`` only. steps: None = all T for ddpm/ddim,
+    DEFAULT_SOLVER_STEPS for the multistep solvers. batch_size: images per chunk (default min(N, 256);
+    a resume takes the folder's).
+
+    Progress is kept in ``out_dir/unfinished/`` after every round (one chunk per rank). SIGTERM or SIGINT
+    ends the run after the round in flight (``stopped_by`` names the signal; a second signal exits at
+    once). resume: continue such a folder with its missing chunks only; the final samples.npz, grid.png,
+    PNGs and run.json (but for its "sessions" entry) are byte-identical to an uninterrupted run's, at any
+    world size. A finished folder is left as it is (``already_finished``). Settings that would change the
+    images, a foreign folder, an unwritable one or a disk too small are refused with a one-line error.
+
+    Under torchrun every rank samples its chunks (and writes their PNGs with ``png_per_image``); rank 0
+    writes the spool, samples.npz (seed order), grid.png and run.json. progress: a bar of images done
+    out of all, across resumes.
+    after: ``f(group, images) -> dict`` called on every rank once all images are done, inside the process
+    group; ``images`` is the finished uint8 (N, H, W, C) array (seed order) on rank 0, None elsewhere.
+    Rank 0's dict goes into run.json and SampleResult.extra (e.g. an FID of exactly these images).
+    stop_line: ``f(result) -> str`` printed to stderr by rank 0 when a signal stops the run, while every
+    rank is still in the group (a launcher that sees the other ranks leave may kill rank 0 right after).
     """
+    from . import sample_progress as sp
+    from .distributed import resolve_device
+    from .integrity import file_sha256, recorded_sha256
+
     if solver_options and solver is None:
         raise ValueError("solver options (order, type, corrector, spacing) need a solver: pass --solver too")
+    out_dir = Path(out_dir)
+    state = sp.inspect_folder(out_dir, RUN_FILE)
+    if resume and state.kind == "finished":  # nothing to load, nothing to rewrite
+        run = state.run
+        return SampleResult({"npz": out_dir / "samples.npz", "run": out_dir / RUN_FILE}, run.get("num_images", 0),
+                            run.get("model", {}), run.get("sampling", {}), 0.0, extra=run,
+                            seeds_done=run.get("num_images", 0), resumed_from=run.get("num_images", 0),
+                            already_finished=True, samples_sha256=run.get("samples_sha256"))
+    if state.kind == "foreign":
+        raise sp.SampleFolderError(f"--out {out_dir} was made by another command ({state.what}): sample into a "
+                                   f"new or empty folder")
+    if resume and state.kind == "new":
+        raise sp.SampleFolderError(f"--resume: {out_dir} holds no unfinished sampling run: run without --resume "
+                                   "to start one")
+    if not resume and state.kind == "unfinished" and state.progress.seeds_done() > 0:  # 0 done: nothing to lose
+        p = state.progress
+        raise sp.SampleFolderError(f"{out_dir} holds an unfinished run ({p.seeds_done():,} of {p.num_images:,} "
+                                   f"seeds done): add --resume to continue it, or delete {p.folder} to start over")
     spec = solver_spec(solver, **(solver_options or {})) if isinstance(solver, str) else None
     start = time.perf_counter()
-    # loaded before joining: a bad source is one line from rank 0, not one per rank
+    # loaded and checked before joining: a bad source or folder is one line from rank 0, not one per rank
     model, schedule, meta = load_model_source(source, use_ema=use_ema)
+    spec = spec or (solver if isinstance(solver, SolverSpec) else meta["solver"])
+    if steps is None:
+        steps = DEFAULT_SOLVER_STEPS if spec.multistep else schedule.num_timesteps
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("no seeds given: pass at least one seed (e.g. --seeds 0-63)")
+    if resume and batch_size is None:
+        batch_size = state.progress.batch_size
+    batch_size = batch_size or min(len(seeds), DEFAULT_BATCH_SIZE)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    device_type = resolve_device(device).type
+    default_clip = meta["clip_x0"] and not spec.multistep
+    settings = {"steps": steps, "variance": variance or meta["variance"],
+                "clip_x0": default_clip if clip_x0 is None else bool(clip_x0),
+                "sampler": "reference" if reference else "FastSampler", "device": device_type,
+                "solver": spec.as_dict()}
+    image_shape = list(model_image_shape(model, None))
+    record = {"source": str(source), "model": {k: meta.get(k) for k in ("kind", "path", "step", "weights")},
+              "weights_file": meta["weights_file"],
+              "weights_sha256": recorded_sha256(meta["weights_file"]) or file_sha256(meta["weights_file"]),
+              "weights": meta["weights"], "steps": steps, "solver": settings["solver"],
+              "variance": settings["variance"], "clip_x0": settings["clip_x0"], "sampler": settings["sampler"],
+              "seeds": format_seeds(seeds), "num_images": len(seeds), "image_shape": image_shape,
+              "batch_size": batch_size, "device_type": device_type, "png_per_image": bool(png_per_image),
+              "sampling": settings}
+    if resume:
+        sp.check_same_settings(state.progress.settings, record, out_dir)
+        record = state.progress.settings  # run.json describes the run as it was started
+    sp.check_writable(out_dir)
+    c, h, w = image_shape
+    sp.check_room(out_dir, image_shape, len(seeds), png_per_image,
+                  reserved=len(seeds) * c * h * w if resume else 0)
+    options = dict(steps=steps, variance=settings["variance"], clip_x0=settings["clip_x0"], reference=reference,
+                   batch_size=batch_size, solver=spec)
     with process_group(device) as group:
-        device = group.device
-        model = model.to(device)
-        spec = spec or (solver if isinstance(solver, SolverSpec) else meta["solver"])
-        if steps is None:
-            steps = DEFAULT_SOLVER_STEPS if spec.multistep else schedule.num_timesteps
-        default_clip = meta["clip_x0"] and not spec.multistep
-        settings = {"steps": steps, "variance": variance or meta["variance"],
-                    "clip_x0": default_clip if clip_x0 is None else bool(clip_x0),
-                    "sampler": "reference" if reference else "FastSampler", "device": str(device),
-                    "solver": spec.as_dict()}
-        options = dict(steps=steps, variance=settings["variance"], clip_x0=settings["clip_x0"],
-                       reference=reference, batch_size=batch_size, device=device, solver=spec)
-        seeds = [int(s) for s in seeds]
-        hook = {"seconds": 0.0}
-        if on_batch is not None:
-            def timed(images, chunk, inner=on_batch):
-                t0 = time.perf_counter()
-                inner(images, chunk)
-                hook["seconds"] += time.perf_counter() - t0
-
-            options["on_batch"] = timed
-        paths, seconds = _sample_dealt_to_folder(model, schedule, seeds, out_dir, group=group,
-                                                 png_per_image=png_per_image, progress=progress,
-                                                 start=start, **options)
-        extra = after(group) if after is not None else None
+        model = model.to(group.device)
+        # the sampler checks its settings before the folder is touched
+        sample = _image_sampler(model, schedule, seeds, device=group.device, **options)
+        progress_record = None
         if group.is_main:
-            paths["run"] = write_run_record(out_dir, source=source, meta=meta, settings=settings, seeds=seeds,
-                                            batch_size=batch_size, world_size=group.world_size,
-                                            backend=group.backend, seconds=time.perf_counter() - start, extra=extra)
+            progress_record = state.progress if resume else sp.Progress.start(out_dir, record)
+        done = group.all_objects(sorted(progress_record.done) if progress_record else None)[0]
+        run = _SamplingRun(sample, model, seeds, out_dir, group=group, done=set(done), record=record,
+                           progress_record=progress_record, png_per_image=png_per_image, progress=progress,
+                           batch_size=batch_size)
+        run.sample_missing()
+        seconds = time.perf_counter() - start
+        result = SampleResult({"images": out_dir / "images"} if png_per_image else {}, len(seeds), meta,
+                              settings, run.sampling_seconds, stopped_by=run.stopped_by,
+                              seeds_done=run.seeds_done, resumed_from=run.resumed_from,
+                              progress_seconds=run.progress_seconds)
+        if run.stopped_by is not None:
+            if stop_line is not None and group.is_main:
+                print(stop_line(result), file=sys.stderr, flush=True)
+            group.barrier()
+            return result
+        try:
+            result.paths.update(run.finish(after, seconds))
+        except OSError as exc:  # a full disk at the end: the spool and its record are still whole
+            raise OSError(exc.errno, f"{exc.strerror or exc} while writing the final files (all {len(seeds):,} "
+                                     f"images kept in {out_dir / 'unfinished'}; fix it and run again with "
+                                     "--resume)", exc.filename) from None
+        result.hook_seconds, result.extra, result.samples_sha256 = run.after_seconds, run.extra, run.samples_sha256
         group.barrier()  # no rank leaves before the folder is complete
-        return SampleResult(paths, len(seeds), meta, settings, seconds - hook["seconds"], hook["seconds"], extra)
+        return result
 
 
 GRID_MAX_IMAGES = 1024  # grid.png shows the first images of a large run, not all 50,000
 
 
-def _sample_dealt_to_folder(model, schedule, seeds, out_dir, *, group: Group, png_per_image: bool,
-                            progress: bool, start: float, **options) -> tuple[dict, float]:
-    """Sample and write as the batches come: memory holds one round of batches, whatever the number of seeds.
+class _SamplingRun:
+    """One session of :func:`sample_to_folder` inside the process group: the rounds, then the final files.
 
-    Every rank samples its dealt batches and writes its own PNGs. After each round rank 0 receives the
-    round's images as uint8 (a quarter of the floats' bytes) and puts them at their seeds' positions of a
-    memory-mapped (N, H, W, C) array on disk; at the end that array becomes samples.npz (stored, not
-    compressed, as np.savez writes it; via a temporary file renamed into place) and its first
-    GRID_MAX_IMAGES images grid.png. Returns (paths, sampling seconds).
+    Round r gives rank j the missing chunk ``missing[r * world + j]`` (every rank loops over the same
+    number of rounds, so the per-round collectives stay in step). After each round rank 0 receives the
+    round's images as uint8 (a quarter of the floats' bytes), puts them at their seeds' rows of the
+    spool and records the chunks done (``sample_progress.Progress``).
     """
-    import tempfile
 
-    from .data import save_grid, save_pngs, to_uint8_nhwc
+    def __init__(self, sample, model, seeds, out_dir: Path, *, group: Group, record: dict, done: set,
+                 progress_record, png_per_image: bool, progress: bool, batch_size: int):
+        from .sample_progress import chunk_positions
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    channels, height, width = model_image_shape(model, None)
-    shape = (len(seeds), height, width, channels)
-    spool = None
-    if group.is_main:
-        handle, name = tempfile.mkstemp(dir=out_dir, prefix=".samples-", suffix=".npy")
-        os.close(handle)  # open_memmap reopens it by name
-        spool = Path(name)
-    try:
-        array = np.lib.format.open_memmap(spool, mode="w+", dtype=np.uint8, shape=shape) if spool else None
+        self.sample, self.model, self.seeds, self.out_dir, self.group = sample, model, seeds, out_dir, group
+        self.record, self.done, self.store = record, done, progress_record
+        self.png_per_image, self.progress, self.batch_size = png_per_image, progress, batch_size
+        self.num_chunks = -(-len(seeds) // batch_size)
+        self.chunk = lambda c: chunk_positions(len(seeds), batch_size, c)
+        self.seeds_done = self.resumed_from = sum(len(self.chunk(c)) for c in done)
+        self.stopped_by: str | None = None
+        self.sampling_seconds = self.progress_seconds = self.after_seconds = 0.0
+        self.extra: dict | None = None
+        self.session = None
+        self.samples_sha256: str | None = None
 
-        def on_round(images, batch):
-            pixels = to_uint8_nhwc(images) if images is not None else np.zeros((0, *shape[1:]), np.uint8)
-            if png_per_image and len(batch):
-                save_pngs(pixels, out_dir / "images", names=_png_names([seeds[i] for i in batch]))
-            every_position = group.all_objects(list(batch))
-            rows = group.gather_rows(torch.from_numpy(pixels), [len(p) for p in every_position], to_all=False)
-            if rows is not None and rows.shape[0]:
-                array[[p for ps in every_position for p in ps]] = rows.numpy()
+    def _save(self, **changes) -> None:
+        """Rank 0: update this session's entry and rewrite the progress record (atomically)."""
+        if self.store is None:
+            return
+        self.session.update(seeds_done=self.seeds_done, sampling_seconds=round(self.sampling_seconds, 3),
+                            progress_write_seconds=round(self.progress_seconds, 4), **changes)
+        self.store.write()
 
-        _generate_dealt(model, schedule, seeds, group=group, progress=progress, keep=False, on_round=on_round,
-                        **options)
-        seconds = time.perf_counter() - start
-        paths = {"images": out_dir / "images"} if png_per_image else {}
-        if spool is not None:
-            array.flush()
-            del array
+    def sample_missing(self) -> None:
+        """Sample every missing chunk, flushing after each round; stop early on SIGTERM/SIGINT on any rank."""
+        from tqdm.auto import tqdm
 
-            def write_npz(tmp: Path) -> None:  # arr_0.npy stored in a zip, as np.savez writes it
-                # a fixed date and zip64 always: the same images give the same bytes, run after run
-                entry = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
-                with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as npz, \
-                        npz.open(entry, "w", force_zip64=True) as dst, open(spool, "rb") as src:
-                    shutil.copyfileobj(src, dst, 1 << 20)
+        from .data import save_pngs, to_uint8_nhwc
+        from .preemption import StopSignals
 
-            paths["npz"] = atomic_write(out_dir / "samples.npz", write_npz)
-            first = np.load(spool, mmap_mode="r")[:GRID_MAX_IMAGES]
-            paths["grid"] = save_grid(np.ascontiguousarray(first), out_dir / "grid.png",
+        group = self.group
+        missing = [c for c in range(self.num_chunks) if c not in self.done]
+        rounds = -(-len(missing) // group.world_size)
+        if self.store is not None:
+            self.session = self.store.begin_session({
+                "command": sys.argv, "world_size": group.world_size, "backend": group.backend,
+                "device": str(group.device), "seeds_done": self.seeds_done})
+            self.store.write()
+        spool = self.store.open_spool() if self.store is not None else None
+        bar = tqdm(total=len(self.seeds), initial=self.seeds_done, desc="sample", unit="img", dynamic_ncols=True,
+                   disable=not (self.progress and group.is_main))
+        stop = StopSignals(announce=group.is_main, finishing="finishing this round of samples, then saving the "
+                           "progress", kept=f"{self.out_dir} resumes from its last saved round with --resume")
+        try:
+            with stop:
+                for r in range(rounds):
+                    if group.any(stop.requested):  # every rank stops after the same round
+                        self.stopped_by = stop.signal_name or "another process's signal"
+                        break
+                    t0 = time.perf_counter()
+                    mine = r * group.world_size + group.rank
+                    chunk = missing[mine] if mine < len(missing) else None
+                    positions = list(self.chunk(chunk)) if chunk is not None else []
+                    pixels = np.zeros((0, *spool_shape(self.model)), np.uint8)
+                    if positions:
+                        chunk_seeds = [self.seeds[i] for i in positions]
+                        pixels = to_uint8_nhwc(self.sample(chunk_seeds))
+                        if self.png_per_image:  # before the gather: a chunk is recorded only once its PNGs exist
+                            save_pngs(pixels, self.out_dir / "images", names=_png_names(chunk_seeds))
+                    every = group.all_objects((chunk, positions))
+                    rows = group.gather_rows(torch.from_numpy(pixels), [len(p) for _, p in every], to_all=False)
+                    self.sampling_seconds += time.perf_counter() - t0
+                    finished = [c for c, _ in every if c is not None]
+                    self.seeds_done += sum(len(p) for _, p in every)
+                    if spool is not None:
+                        t1 = time.perf_counter()
+                        spool[[p for _, ps in every for p in ps]] = rows.numpy()
+                        spool.flush()  # the rows reach the disk before the record names their chunks
+                        self.store.done.update(finished)
+                        self._save()
+                        self.progress_seconds += time.perf_counter() - t1
+                    self.done.update(finished)
+                    bar.update(sum(len(p) for _, p in every))
+        except OSError as exc:  # a full disk, a folder gone: the record still names what is on disk
+            raise OSError(exc.errno, f"{exc.strerror or exc} while saving the progress ({self.seeds_done:,} of "
+                                     f"{len(self.seeds):,} images kept in {self.out_dir}; fix it and run again "
+                                     f"with --resume)", exc.filename) from None
+        finally:
+            bar.close()
+            del spool
+        if self.stopped_by is not None:
+            self._save(ended=self.stopped_by)
+
+    def finish(self, after, seconds: float) -> dict:
+        """All chunks done: write samples.npz, grid.png and run.json from the spool, then remove it."""
+        from .data import save_grid
+
+        paths = {}
+        group = self.group
+        images = np.load(self.store.spool_path, mmap_mode="r") if self.store is not None else None
+        if images is not None:
+            paths["npz"] = _write_npz_from_spool(self.store.spool_path, self.out_dir / "samples.npz")
+            height = images.shape[1]
+            paths["grid"] = save_grid(np.ascontiguousarray(images[:GRID_MAX_IMAGES]), self.out_dir / "grid.png",
                                       scale=max(1, 32 // height))
-    finally:
-        if spool is not None:
-            spool.unlink(missing_ok=True)
-    return paths, seconds
+        if after is not None:
+            t0 = time.perf_counter()
+            self.extra = after(group, images)
+            self.after_seconds = time.perf_counter() - t0
+        del images
+        if self.store is not None:
+            from .integrity import file_sha256
+
+            self.session.update(ended="finished", seconds=round(seconds, 3))
+            self._save()
+            self.samples_sha256 = file_sha256(paths["npz"])
+            paths["run"] = write_run_record(self.out_dir, self.record, self.samples_sha256, self.store.sessions,
+                                            extra=self.extra)
+            self.store.remove()  # last: a folder with run.json and no unfinished/ is finished
+        return paths
 
 
-def write_run_record(out_dir, *, source, meta: dict, settings: dict, seeds, batch_size, world_size: int,
-                     backend: str | None, seconds: float, extra: dict | None = None) -> Path:
+def spool_shape(model) -> tuple[int, int, int]:
+    """(H, W, C) of one image of ``model`` as stored in the spool and samples.npz."""
+    c, h, w = model_image_shape(model, None)
+    return h, w, c
+
+
+def _write_npz_from_spool(spool: Path, path: Path) -> Path:
+    """samples.npz from the spool: arr_0.npy stored (not compressed) in a zip, as np.savez writes it, via a
+    temporary file renamed into place. A fixed date and zip64 always: the same images give the same bytes."""
+
+    def write_npz(tmp: Path) -> None:
+        entry = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as npz, \
+                npz.open(entry, "w", force_zip64=True) as dst, open(spool, "rb") as src:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+    return atomic_write(path, write_npz)
+
+
+def write_run_record(out_dir, record: dict, samples_sha256: str, sessions: list, *,
+                     extra: dict | None = None) -> Path:
     """Write ``out_dir/run.json`` (atomically): what made this folder of samples, so it can be made again.
 
-    Holds the source (as given and as resolved), checkpoint step, EMA or raw weights, the seeds (as a
-    --seeds string), the sampling settings (steps, variance, clip_x0, sampler, device and whatever else
-    ``settings`` carries), batch size, world size and backend, software versions and the wall time.
-    extra: more JSON-able entries (e.g. a quality figure computed from the samples) merged in last.
+    record: the image-defining settings the run started with (``sample_progress``): the source (as given
+    and as resolved) and its weights' sha256, EMA or raw weights, the seeds (as a --seeds string), the
+    sampling settings, the batch size. samples_sha256: samples.npz's sha256, so an FID can name exactly the
+    images it scored. Software versions are added. sessions: one entry per run of the command (times,
+    world size, device, how it ended); it is the only part of run.json that an interrupted and resumed run
+    writes differently from an uninterrupted one. extra: more JSON-able entries (e.g. an FID) merged in.
     """
     from . import __version__
+    from .sample_progress import SAMPLES_FORMAT
 
-    record = {
-        "source": str(source), "model": {k: meta.get(k) for k in ("kind", "path", "step", "weights")},
-        "checkpoint_step": meta.get("step"), "ema": meta.get("weights") == "ema",
-        "seeds": format_seeds(seeds), "num_images": len(seeds), "sampling": dict(settings),
-        "batch_size": batch_size, "world_size": world_size, "backend": backend,
+    run = {
+        "format": SAMPLES_FORMAT, "source": record["source"], "model": record["model"],
+        "weights_file": record["weights_file"], "weights_sha256": record["weights_sha256"],
+        "checkpoint_step": record["model"].get("step"), "ema": record["weights"] == "ema",
+        "seeds": record["seeds"], "num_images": record["num_images"], "sampling": record["sampling"],
+        "batch_size": record["batch_size"], "samples_sha256": samples_sha256,
         "versions": {"ddpm_fast": __version__, "torch": torch.__version__, "python": platform.python_version(),
                      "cuda": torch.version.cuda},
-        "command": sys.argv, "wall_seconds": seconds, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **(extra or {}),
+        "sessions": sessions, **(extra or {}),
     }
-    return write_json_atomic(Path(out_dir) / RUN_FILE, record)
+    return write_json_atomic(Path(out_dir) / RUN_FILE, run)

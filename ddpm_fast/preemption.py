@@ -1,4 +1,4 @@
-"""Stop a training run cleanly on SIGTERM or SIGINT (cluster preemption, Ctrl-C).
+"""Stop a training or sampling run cleanly on SIGTERM or SIGINT (cluster preemption, Ctrl-C).
 
 SLURM and Kubernetes send SIGTERM and kill a little later. Inside :class:`StopSignals` the first SIGTERM or
 SIGINT only raises a flag; the training loop reads it after each step, all ranks agree on the step, rank 0
@@ -30,10 +30,15 @@ class StopSignals:
     grace_s: repeats within this many seconds of the first signal are ignored (see the module docstring).
     Handlers can only be installed from the main thread; elsewhere the context does nothing and signals
     keep their usual effect.
+    finishing / kept: what the first signal's line says happens next, and what the second's says is
+    kept (training's checkpoint by default; ``sample`` names its progress).
     """
 
-    def __init__(self, *, announce: bool = True, grace_s: float = 1.0, exit=os._exit, clock=time.monotonic):
+    def __init__(self, *, announce: bool = True, grace_s: float = 1.0, exit=os._exit, clock=time.monotonic,
+                 finishing: str = "finishing this step, then writing a checkpoint",
+                 kept: str = "the last complete checkpoint stays loadable"):
         self.announce = announce
+        self.finishing, self.kept = finishing, kept
         self.grace_s = grace_s
         self.signal_name: str | None = None  # "SIGTERM" or "SIGINT" once requested
         self._first_at: float | None = None
@@ -56,11 +61,11 @@ class StopSignals:
         now = self._clock()
         if self._first_at is None:
             self.signal_name, self._first_at = name, now
-            self._say(f"{name}: finishing this step, then writing a checkpoint (send it again to exit at once)")
+            self._say(f"{name}: {self.finishing} (send it again to exit at once)")
             return
         if now - self._first_at < self.grace_s:
             return
-        self._say(f"second {name}: exiting at once; the last complete checkpoint stays loadable")
+        self._say(f"second {name}: exiting at once; {self.kept}")
         self._exit(128 + signum)
 
     def __enter__(self) -> "StopSignals":

@@ -267,3 +267,82 @@ def test_missing_paths(tmp_path):
         load_checkpoint(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="holds no checkpoint yet"):
         load_checkpoint(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# integrity: SHA256SUMS written with every checkpoint and export, verified on load
+
+
+def _flip_bits(path, count=8):
+    """Flip ``count`` bits spread over the payload of a safetensors file (past its JSON header)."""
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    for k in range(count):
+        data[header + (len(data) - header) * (k + 1) // (count + 1)] ^= 1 << (k % 8)
+    path.write_bytes(bytes(data))
+
+
+def test_checkpoint_records_sha256sum_compatible_hashes(tmp_path):
+    import hashlib
+    import shutil
+    import subprocess
+
+    folder, *_ = _save(tmp_path, 4)
+    lines = (folder / "SHA256SUMS").read_text().splitlines()
+    names = sorted(["model.safetensors", "ema.safetensors", "config.json", "state.pt"])
+    assert [line.split("  ")[1] for line in lines] == names
+    for line in lines:
+        digest, name = line.split("  ")
+        assert digest == hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    if shutil.which("sha256sum"):  # the record checks without ddpm-fast too
+        assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=folder).returncode == 0
+
+
+def test_flipped_weight_bits_are_refused_with_one_line(tmp_path, capsys):
+    from cli_helpers import error_line
+
+    from ddpm_fast import cli
+
+    folder, *_ = _save(tmp_path, 2)
+    _flip_bits(folder / "ema.safetensors")
+    load_weights_file(folder / "model.safetensors")  # the other files still load
+    with pytest.raises(CheckpointError, match=r"ema.safetensors is damaged: its sha256 .* recorded in SHA256SUMS"):
+        load_checkpoint(tmp_path)
+    assert cli.main(["sample", str(tmp_path), "--out", str(tmp_path / "s"), "--seeds", "0-1", "--steps", "2",
+                     "--device", "cpu"]) == 2
+    line = error_line(capsys)
+    assert "ema.safetensors is damaged" in line and "copy it again from a good source" in line
+    assert not (tmp_path / "s" / "samples.npz").exists()
+
+
+@pytest.mark.parametrize("damage", ["state", "config", "sums"])
+def test_other_recorded_files_are_verified(tmp_path, damage):
+    folder, *_ = _save(tmp_path, 2)
+    if damage == "state":  # another valid training state (a file copied from elsewhere)
+        torch.save({"step": 2, "batch_stream": {"epoch": 0, "position": 0}}, folder / "state.pt")
+    elif damage == "config":  # still valid JSON of the right shape, but not what was saved
+        config = json.loads((folder / "config.json").read_text())
+        config["train"]["seed"] = 4
+        (folder / "config.json").write_text(json.dumps(config))
+    else:
+        (folder / "SHA256SUMS").write_text("not a record\n")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(tmp_path)
+    msg = _one_line(e)
+    assert ("SHA256SUMS is damaged" if damage == "sums" else "is damaged: its sha256") in msg
+
+
+def test_folders_without_a_record_load_as_before(tmp_path):
+    from ddpm_fast.diffusers_io import SAFETENSORS_NAME, load_diffusers_unet, save_diffusers_unet
+
+    folder, model, ema, _ = _save(tmp_path, 2)
+    (folder / "SHA256SUMS").unlink()  # a checkpoint from before the record
+    _assert_same(load_checkpoint(tmp_path).ema, strip_compile_prefix(ema))
+    torch.manual_seed(0)
+    exported = save_diffusers_unet(UNet(TINY), tmp_path / "export")
+    load_diffusers_unet(exported)
+    _flip_bits(exported / SAFETENSORS_NAME)
+    with pytest.raises(ValueError, match="is damaged"):
+        load_diffusers_unet(exported)  # our export carries a record
+    (exported / "SHA256SUMS").unlink()  # a folder written by diffusers or the hub: loads as today
+    load_diffusers_unet(exported)

@@ -220,7 +220,8 @@ def test_save_round_trips_through_diffusers(tmp_path, channels_last):
     if channels_last:
         ours = ours.to(memory_format=torch.channels_last)
     folder = save_diffusers_unet(ours, tmp_path / "out" / "model")
-    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_NAME, SAFETENSORS_NAME]  # no temp files left
+    # no temp files left; SHA256SUMS records the weights (checked on load, see test_checkpoint.py)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([CONFIG_NAME, SAFETENSORS_NAME, "SHA256SUMS"])
     config = json.loads((folder / CONFIG_NAME).read_text())
     assert config["_class_name"] == "UNet2DModel" and config["dropout"] == 0.1
 

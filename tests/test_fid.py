@@ -308,7 +308,7 @@ def tiny_run(tmp_path_factory):
     return run
 
 
-def test_sample_with_fid_streams_features_and_writes_fid_json(tiny_run, tmp_path, tiny_inception, capsys):
+def test_sample_with_fid_scores_the_finished_images_and_writes_fid_json(tiny_run, tmp_path, tiny_inception, capsys):
     from ddpm_fast.data import load_digits_images
 
     ref = tmp_path / "ref.npz"
@@ -316,21 +316,22 @@ def test_sample_with_fid_streams_features_and_writes_fid_json(tiny_run, tmp_path
     _npz(tmp_path / "digits.npz", digits)
     assert main(["fid-stats", str(tmp_path / "digits.npz"), "--out", str(ref)]) == 0
     batches = []
-    original = FIDCollector.add_float
-    FIDCollector.add_float = lambda self, images: (batches.append(images.shape[0]), original(self, images))[1]
+    original = FIDCollector.add_uint8
+    FIDCollector.add_uint8 = lambda self, images: (batches.append(images.shape[0]), original(self, images))[1]
     try:
         assert main(["sample", str(tiny_run), "--out", str(tmp_path / "s"), "--seeds", "0-9", "--steps", "3",
                      "--batch-size", "4", "--fid", str(ref)]) == 0
     finally:
-        FIDCollector.add_float = original
-    # features taken per sampler batch (deal() balances the batches: 4, 3, 3), never all 10 at once
-    assert sum(batches) == 10 and max(batches) <= 4 and len(batches) == 3
+        FIDCollector.add_uint8 = original
+    # features of the finished images in fixed batches of DEFAULT_FID_BATCH, whatever the sampler's batches
+    assert batches == [10]
     assert "FID " in capsys.readouterr().out
     record = json.loads((tmp_path / "s" / "fid.json").read_text())
     # the same figure from the written samples.npz
     mu_s, sigma_s, n = compute_stats(fid_input(tmp_path / "s" / "samples.npz").dataset, tiny_inception)
     assert n == 10 and record["num_samples"] == 10
-    assert record["fid"] == pytest.approx(frechet_distance(mu_s, sigma_s, *load_stats(ref)), rel=1e-9)
+    # exactly: the same images in the same batches
+    assert record["fid"] == frechet_distance(mu_s, sigma_s, *load_stats(ref))
     assert record["seeds"] == "0-9" and record["steps"] == 3 and record["variance"] == "fixed_large"
     assert record["inception_weights_sha256"] == "0" * 64 and record["sample_seconds"] >= 0
     # a bad reference fails before any sampling
@@ -413,24 +414,25 @@ _SAMPLE_FID_SCRIPT = textwrap.dedent("""
     import torch.distributed as dist
     sys.path.insert(0, sys.argv[1])  # tests/, for the tiny extractor
     import ddpm_fast.fid as fid
+    import ddpm_fast.fid_stats as fid_stats
     from fid_helpers import TinyExtractor
     fid.load_extractor = lambda weights=None, device=None: TinyExtractor()
-    finish = fid.FIDCollector.finish
+    mean_cov = fid_stats.RunningStats.mean_cov
 
-    def recording_finish(self):  # what each rank's collector holds after the all_reduce
-        mu, sigma = finish(self)
-        np.savez(sys.argv[2] + f".{dist.get_rank()}.npz", mu=mu, sigma=sigma, n=self.stats.n)
+    def recording_mean_cov(self):  # the statistics the FID is computed from, by rank
+        mu, sigma = mean_cov(self)
+        np.savez(sys.argv[2] + f".{dist.get_rank()}.npz", mu=mu, sigma=sigma, n=self.n)
         return mu, sigma
 
-    fid.FIDCollector.finish = recording_finish
+    fid_stats.RunningStats.mean_cov = recording_mean_cov
     from ddpm_fast.cli import main
     sys.exit(main(sys.argv[3:]))
 """)
 
 
 def test_sample_fid_under_torchrun_combines_the_ranks(tiny_run, tmp_path, tiny_inception):
-    """Two gloo processes each take features of the seeds dealt to them; the combined statistics are those
-    of all the images (checked against samples.npz's features in extended precision)."""
+    """Two gloo processes sample; rank 0 takes the features of the finished images (all of them, in seed
+    order), so the statistics are those of samples.npz, checked in extended precision."""
     digits = _image_set(30, 3)
     ref = save_stats(tmp_path / "ref.npz", *compute_stats(fid_input(_npz(tmp_path / "d.npz", digits)).dataset,
                                                           tiny_inception)[:2])
@@ -445,13 +447,15 @@ def test_sample_fid_under_torchrun_combines_the_ranks(tiny_run, tmp_path, tiny_i
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((out / "fid.json").read_text())
     run = json.loads((out / "run.json").read_text())
-    assert record["num_samples"] == 9 and run["world_size"] == 2 and run["fid"] == record["fid"]
+    assert record["num_samples"] == 9 and run["sessions"][-1]["world_size"] == 2 and run["fid"] == record["fid"]
+    assert record["samples_sha256"] == run["samples_sha256"]
     with np.load(out / "samples.npz") as z:
         pixels = torch.from_numpy(z["arr_0"]).permute(0, 3, 1, 2)
     f = tiny_inception(pixels).double().numpy()  # the same images' features, in one process
     exact_mu, exact_sigma = exact_stats(f)
     mu_bound, sigma_bound = stats_bounds(f)
-    for rank in (0, 1):
+    assert not (tmp_path / "stats.1.npz").exists()  # rank 1 computed no statistics
+    for rank in (0,):
         with np.load(tmp_path / f"stats.{rank}.npz") as z:
             assert int(z["n"]) == 9
             _assert_within(z["mu"], exact_mu, mu_bound)
