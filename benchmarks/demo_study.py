@@ -1,0 +1,380 @@
+"""Which training recipe and sampler give the demo today's digit quality in 90 s on two CPU cores?
+
+    python benchmarks/demo_study.py run --jobs 2 [--candidates A,B] [--seeds 0,1,2]   # the training runs
+    python benchmarks/demo_study.py calibrate                                         # 1- vs 2-thread step cost
+    python benchmarks/demo_study.py report --out docs/demo_study                      # table, json, plot
+
+Every candidate recipe trains the digits U-Net from scratch on the bundled digits in its own process with
+ONE thread (the machine is shared: process CPU seconds are what the load disturbs least). At each of its
+evaluation steps the EMA weights sample 400 digits (seeds 0..399, as the demo) with each few-step sampler
+and ``ddpm_fast.quality`` scores them (the demo's Frechet distance). A recipe with a constant lr is scored
+at several step counts of one run (a shorter run is the same run stopped earlier); a recipe whose lr decays
+over the run is one run per length. Extra EMA decays ride along on the same training trajectory (their
+``foreach`` update costs ~0.1 % of a step and is not counted).
+
+Wall time on two cores is predicted, not measured under the load: ``calibrate`` times each recipe's step
+with one thread (CPU seconds) and with two (wall seconds), side by side in one process; the ratio turns a
+recipe's 1-thread CPU seconds into 2-core wall seconds. ``report`` adds the demo's fixed costs (start-up,
+the quality classifier, sampling 400 digits, writing files; measured by running the demo) to state a
+predicted demo wall time per candidate. The final 90 s check is a real ``ddpm-fast demo`` on an idle
+2-core machine.
+
+Results: one JSON file per (candidate, seed) under --runs (default /tmp/demo_study), so runs resume
+and run in parallel; ``report`` reads them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SAMPLE_SEEDS = range(400)  # the demo's 400 digits
+# name -> (solver, steps): the few-step samplers scored at every evaluation (the solvers do not clip x0)
+SAMPLERS = {"dpmpp-2m-20": ("dpmpp-2m", 20), "unipc-20": ("unipc", 20), "unipc-10": ("unipc", 10)}
+BASELINE_SAMPLER = ("ddpm-250", ("ddpm", 250))  # today's demo: 250 leading-spaced DDPM steps, clipped
+EXTRA_EMAS = (0.995, 0.99)  # scored with dpmpp-2m-20 only, with the (1+n)/(10+n) warm-up
+
+# Candidate recipes: TrainConfig fields over the digits preset (batch 128, lr 1e-3, warmup 100, EMA 0.999
+# with warm-up, linear schedule, UNet (32, 64, 64)). "evals": the steps at which the EMA is scored.
+CANDIDATES: dict[str, dict] = {
+    "today": dict(train={}, evals=[375, 500, 750, 1000, 1500], baseline_at=1500),
+    "b64": dict(train=dict(batch_size=64), evals=[500, 750, 1000, 1500]),
+    "b128-cos500": dict(train=dict(lr_decay="cosine", steps=500), evals=[500]),
+    "b128-cos800": dict(train=dict(lr_decay="cosine", steps=800), evals=[800]),
+    "b64-cos1000": dict(train=dict(batch_size=64, lr_decay="cosine", steps=1000), evals=[1000]),
+    "b64-lr2e-3-cos1000": dict(train=dict(batch_size=64, lr=2e-3, lr_decay="cosine", steps=1000), evals=[1000]),
+    "w16-b64-cos1000": dict(train=dict(batch_size=64, lr_decay="cosine", steps=1000,
+                                       unet={"block_out_channels": [16, 32, 32]}), evals=[1000]),
+    "b64-cos1000-cosched": dict(train=dict(batch_size=64, lr_decay="cosine", steps=1000, schedule="cosine"),
+                                evals=[1000]),
+}
+
+
+def train_config(name: str, seed: int, steps: int | None = None):
+    from ddpm_fast.training import TrainConfig
+
+    fields = dict(CANDIDATES[name]["train"])
+    fields.setdefault("steps", steps or max(CANDIDATES[name]["evals"]))
+    return TrainConfig(data="digits", out=f"/tmp/unused-{name}", preset="digits", seed=seed, device="cpu",
+                       progress=False, sample_every=0, **fields)
+
+
+def score(model, schedule, solver: str, steps: int) -> dict:
+    from ddpm_fast.generate import generate
+    from ddpm_fast.quality import digits_quality_report
+
+    t0 = time.process_time()
+    images = generate(model, schedule, SAMPLE_SEEDS, steps=steps, solver=solver, clip_x0=solver == "ddpm",
+                      variance="fixed_large", device="cpu", sampler_options={"compile": False})
+    cpu = time.process_time() - t0
+    report = digits_quality_report(images)
+    return {"fd": report["fd_model"], "fd_heldout_real": report["fd_heldout_real"],
+            "fd_gaussian": report["fd_gaussian"], "class_histogram": report.get("class_histogram"),
+            "sample_cpu_s": cpu}
+
+
+def run_one(name: str, seed: int, out: Path) -> dict:
+    """Train candidate ``name`` with ``seed`` on one thread; score at its evaluation steps; write out."""
+    import copy
+
+    from ddpm_fast.training import Trainer
+
+    torch.set_num_threads(1)
+    spec = CANDIDATES[name]
+    trainer = Trainer(train_config(name, seed))
+    extra = {d: copy.deepcopy(trainer.ema) for d in EXTRA_EMAS}
+    extra_params = {d: list(m.parameters()) for d, m in extra.items()}
+    train_cpu, train_wall, evals = 0.0, 0.0, []
+    for target in spec["evals"]:
+        c0, w0 = time.process_time(), time.perf_counter()
+        extra_cpu = 0.0
+        while trainer.step < target:
+            step = trainer.step
+            trainer.train_step()
+            e0 = time.process_time()
+            with torch.no_grad():
+                for d, params in extra_params.items():
+                    torch._foreach_lerp_(params, trainer._params, 1.0 - min(d, (1 + step) / (10 + step)))
+            extra_cpu += time.process_time() - e0
+        train_cpu += time.process_time() - c0 - extra_cpu
+        train_wall += time.perf_counter() - w0 - extra_cpu
+        row = {"step": target, "train_cpu_s": train_cpu, "train_wall_s": train_wall, "scores": {}}
+        for label, (solver, steps) in SAMPLERS.items():
+            row["scores"][label] = score(trainer.ema, trainer.schedule, solver, steps)
+        for d, model in extra.items():
+            row["scores"][f"dpmpp-2m-20/ema{d}"] = score(model, trainer.schedule, "dpmpp-2m", 20)
+        if spec.get("baseline_at") == target:
+            label, (solver, steps) = BASELINE_SAMPLER
+            row["scores"][label] = score(trainer.ema, trainer.schedule, solver, steps)
+        evals.append(row)
+        print(f"{name} seed {seed} step {target}: {train_cpu:.0f} CPU s; "
+              + ", ".join(f"{k} {v['fd']:.2f}" for k, v in row["scores"].items()), flush=True)
+    result = {"candidate": name, "seed": seed, "train": {k: v for k, v in spec["train"].items()},
+              "resolved": {k: getattr(trainer.config, k) for k in ("batch_size", "lr", "warmup", "lr_decay",
+                                                                   "ema_decay", "ema_warmup", "schedule", "steps")},
+              "unet": trainer.unet_config.to_dict(), "parameters": sum(p.numel() for p in trainer.model.parameters()),
+              "evals": evals, "torch": torch.__version__, "threads": 1, "loadavg_end": os.getloadavg(),
+              "time": time.time()}
+    _write_json(out / f"{name}--seed{seed}.json", result)
+    return result
+
+
+def _write_json(path: Path, obj) -> None:
+    from ddpm_fast.checkpoint import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(obj, indent=1, default=str) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def run_all(names: list[str], seeds: list[int], out: Path, jobs: int) -> None:
+    """One subprocess per (candidate, seed) not yet done, ``jobs`` at a time, at nice 5, one thread each."""
+    todo = [(n, s) for s in seeds for n in names if not (out / f"{n}--seed{s}.json").is_file()]
+    running: list[tuple[subprocess.Popen, str]] = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    while todo or running:
+        while todo and len(running) < jobs:
+            n, s = todo.pop(0)
+            log = open(out / f"{n}--seed{s}.log", "w")
+            cmd = ["nice", "-n", "5", sys.executable, __file__, "one", n, str(s), "--runs", str(out)]
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), f"{n} seed {s}"))
+        time.sleep(2)
+        for proc, label in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, label))
+                print(f"{label}: {'done' if proc.returncode == 0 else f'FAILED ({proc.returncode})'}", flush=True)
+
+
+def calibrate(names: list[str], out: Path, steps: int = 12, warm: int = 3) -> dict:
+    """Per recipe: CPU seconds per training step with 1 thread and wall seconds with 2, side by side."""
+    from ddpm_fast.training import Trainer
+
+    rows = {}
+    for name in names:
+        trainer = Trainer(train_config(name, 0))
+        row = {}
+        for threads in (1, 2, 1, 2):  # interleaved, twice: the load drifts
+            torch.set_num_threads(threads)
+            for _ in range(warm):
+                trainer.train_step()
+            c0, w0 = time.process_time(), time.perf_counter()
+            for _ in range(steps):
+                trainer.train_step()
+            cpu, wall = (time.process_time() - c0) / steps, (time.perf_counter() - w0) / steps
+            row.setdefault(threads, []).append({"cpu_s": cpu, "wall_s": wall})
+        rows[name] = {"cpu_per_step_1t": min(r["cpu_s"] for r in row[1]),
+                      "wall_per_step_1t": min(r["wall_s"] for r in row[1]),
+                      "wall_per_step_2t": min(r["wall_s"] for r in row[2]),
+                      "batch_size": trainer.config.batch_size, "raw": row}
+        r = rows[name]
+        print(f"{name}: 1 thread {r['cpu_per_step_1t'] * 1e3:.1f} ms CPU/step ({r['wall_per_step_1t'] * 1e3:.1f} wall), "
+              f"2 threads {r['wall_per_step_2t'] * 1e3:.1f} ms wall/step: "
+              f"x{r['wall_per_step_1t'] / r['wall_per_step_2t']:.2f}", flush=True)
+    result = {"rows": rows, "loadavg": os.getloadavg(), "torch": torch.__version__, "time": time.time(),
+              "steps": steps}
+    _write_json(out / "calibration.json", result)
+    return result
+
+
+# -------------------------------------------------------------------------------------------------
+# report
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def collect(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("*--seed*.json"))]
+
+
+def summarise(runs: list[dict], calibration: dict, fixed_wall_s: float) -> list[dict]:
+    """One row per (candidate, eval step, sampler): FD mean/spread over seeds, CPU s, predicted 2-core wall."""
+    table: dict[tuple, dict] = {}
+    for run in runs:
+        for ev in run["evals"]:
+            for label, sc in ev["scores"].items():
+                key = (run["candidate"], ev["step"], label)
+                row = table.setdefault(key, {"candidate": run["candidate"], "step": ev["step"], "sampler": label,
+                                             "fd": [], "train_cpu_s": [], "sample_cpu_s": [], "seeds": []})
+                row["fd"].append(sc["fd"])
+                row["train_cpu_s"].append(ev["train_cpu_s"])
+                row["sample_cpu_s"].append(sc["sample_cpu_s"])
+                row["seeds"].append(run["seed"])
+    rows = []
+    cal = calibration.get("rows", {})
+    for row in table.values():
+        fds = row["fd"]
+        row["fd_mean"] = statistics.fmean(fds)
+        row["fd_sd"] = statistics.stdev(fds) if len(fds) > 1 else float("nan")
+        row["fd_min"], row["fd_max"] = min(fds), max(fds)
+        row["n_seeds"] = len(fds)
+        row["train_cpu_s_mean"] = statistics.fmean(row["train_cpu_s"])
+        row["sample_cpu_s_mean"] = statistics.fmean(row["sample_cpu_s"])
+        c = cal.get(row["candidate"])
+        if c:
+            # 2-core wall of training = its measured 1-thread CPU seconds x (2-thread wall / 1-thread CPU per step)
+            ratio = c["wall_per_step_2t"] / c["cpu_per_step_1t"]
+            row["train_wall_2core_s"] = row["train_cpu_s_mean"] * ratio
+            # sampling on 2 cores: the same ratio is a fair guess for the same network's forward passes
+            row["demo_wall_2core_s"] = row["train_wall_2core_s"] + row["sample_cpu_s_mean"] * ratio + fixed_wall_s
+        rows.append(row)
+    rows.sort(key=lambda r: (r.get("demo_wall_2core_s", r["train_cpu_s_mean"]), r["fd_mean"]))
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"Digits Frechet distance of the demo's 400 samples (seeds 0..399; lower is better; held-out real digits, "
+        f"the floor: {meta['floor']:.2f}) against the cost of the recipe. Training on one thread "
+        f"({meta['cpu']}, torch {meta['torch']}); 2-core wall predicted from the calibration "
+        f"(2-thread wall / 1-thread CPU per step: {meta['ratio_text']}) plus {meta['fixed_wall_s']:.1f} s of fixed demo "
+        f"costs (start-up, quality classifier, files). FD: mean ± sd over the seeds (min-max).", "",
+        "| candidate | train steps | sampler | seeds | FD mean ± sd (min-max) | train CPU s (1 thread) | "
+        "sample CPU s | predicted demo wall, 2 cores |",
+        "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sd = "" if math.isnan(r["fd_sd"]) else f" ± {r['fd_sd']:.2f}"
+        spread = f" ({r['fd_min']:.2f}-{r['fd_max']:.2f})" if r["n_seeds"] > 1 else ""
+        wall = f"{r['demo_wall_2core_s']:.0f} s" if "demo_wall_2core_s" in r else "—"
+        lines.append(f"| {r['candidate']} | {r['step']} | {r['sampler']} | {r['n_seeds']} | {r['fd_mean']:.2f}{sd}"
+                     f"{spread} | {r['train_cpu_s_mean']:.0f} | {r['sample_cpu_s_mean']:.1f} | {wall} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, meta: dict, highlight: set[str]) -> None:
+    """FD against predicted 2-core demo wall time: one point per (candidate, steps, main sampler), with the
+    seeds' min-max as a bar; the 90 s budget and today's FD as lines."""
+    from PIL import Image, ImageDraw
+
+    pts = [r for r in rows if "demo_wall_2core_s" in r and r["sampler"] in ("dpmpp-2m-20", "unipc-20", "ddpm-250")]
+    W, H, left, right, top, bottom = 1000, 620, 80, 260, 50, 70
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    x_max = max(max(r["demo_wall_2core_s"] for r in pts) * 1.05, 100)
+    y_lo = min(meta["floor"] - 0.5, min(r["fd_min"] for r in pts) - 0.3)
+    y_hi = min(max(r["fd_max"] for r in pts) + 0.5, 20.0)
+
+    def xy(wall, fd):
+        return (left + wall / x_max * (W - left - right),
+                top + (1 - (min(fd, y_hi) - y_lo) / (y_hi - y_lo)) * (H - top - bottom))
+
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    for k in range(0, int(x_max) + 1, 30):
+        x, _ = xy(k, y_lo)
+        d.line([x, H - bottom, x, H - bottom + 5], fill="black")
+        d.text((x - 8, H - bottom + 8), str(k), fill="black")
+    for k in range(6):
+        v = y_lo + k * (y_hi - y_lo) / 5
+        _, y = xy(0, v)
+        d.line([left - 5, y, left, y], fill="black")
+        d.text((left - 45, y - 6), f"{v:.1f}", fill="black")
+    d.text((left + 150, H - 35), "predicted demo wall seconds on 2 cores (training + sampling + fixed costs)", fill="black")
+    d.text((10, 10), "digits Frechet distance of 400 samples (lower is better); bars: min-max over seeds", fill="black")
+    x90, _ = xy(90, y_lo)
+    d.line([x90, top, x90, H - bottom], fill=(200, 0, 0), width=2)
+    d.text((x90 + 4, top + 4), "90 s", fill=(200, 0, 0))
+    for label, fd, colour in (("floor (held-out real)", meta["floor"], (0, 140, 0)),
+                              ("today's demo", meta.get("today_fd"), (0, 0, 200))):
+        if fd is None:
+            continue
+        _, y = xy(0, fd)
+        d.line([left, y, W - right, y], fill=colour, width=1)
+        d.text((W - right + 5, y - 6), f"{label} {fd:.2f}", fill=colour)
+    colours = {"dpmpp-2m-20": (255, 127, 14), "unipc-20": (148, 103, 189), "ddpm-250": (90, 90, 90)}
+    for r in pts:
+        colour = colours[r["sampler"]]
+        x, y = xy(r["demo_wall_2core_s"], r["fd_mean"])
+        _, y0 = xy(0, r["fd_min"])
+        _, y1 = xy(0, r["fd_max"])
+        d.line([x, y0, x, y1], fill=colour, width=1)
+        rad = 5 if r["candidate"] in highlight else 3
+        d.ellipse([x - rad, y - rad, x + rad, y + rad], fill=colour if r["candidate"] in highlight else None,
+                  outline=colour)
+    for i, (label, colour) in enumerate(colours.items()):
+        ly = top + 60 + 18 * i
+        d.ellipse([W - right + 10, ly, W - right + 18, ly + 8], fill=colour)
+        d.text((W - right + 25, ly - 2), label, fill="black")
+    d.text((W - right + 10, top + 60 + 18 * 4), "filled: " + ", ".join(sorted(highlight))[:40], fill="black")
+    img.save(path)
+
+
+def report(runs_dir: Path, out: Path, fixed_wall_s: float, highlight: set[str]) -> None:
+    runs = collect(runs_dir)
+    cal_path = runs_dir / "calibration.json"
+    calibration = json.loads(cal_path.read_text()) if cal_path.is_file() else {}
+    rows = summarise(runs, calibration, fixed_wall_s)
+    floor = statistics.fmean(sc["fd_heldout_real"] for run in runs for ev in run["evals"] for sc in ev["scores"].values())
+    today = next((r["fd_mean"] for r in rows if r["candidate"] == "today" and r["sampler"] == "ddpm-250"), None)
+    ratios = {k: v["wall_per_step_2t"] / v["cpu_per_step_1t"] for k, v in calibration.get("rows", {}).items()}
+    meta = {"cpu": _cpu_name(), "torch": torch.__version__, "floor": floor, "today_fd": today,
+            "fixed_wall_s": fixed_wall_s, "calibration": calibration, "ratios": ratios,
+            "ratio_text": ", ".join(f"{k} {v:.2f}" for k, v in sorted(ratios.items())) or "not measured",
+            "samplers": {k: list(v) for k, v in SAMPLERS.items()}, "baseline_sampler": BASELINE_SAMPLER[1],
+            "candidates": CANDIDATES}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean = [{k: v for k, v in r.items()} for r in rows]
+    _write_json(out.with_suffix(".json"), {"meta": meta, "rows": clean, "runs": runs})
+    text = markdown(rows, meta)
+    from ddpm_fast.checkpoint import atomic_write
+
+    atomic_write(out.with_suffix(".md"), lambda tmp: tmp.write_text(text))
+    plot(rows, out.with_suffix(".png"), meta, highlight)
+    print(text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "one", "calibrate", "report"):
+        p = sub.add_parser(name)
+        p.add_argument("--runs", default="/tmp/demo_study", help="folder of the per-run results")
+        if name == "one":
+            p.add_argument("candidate", choices=sorted(CANDIDATES))
+            p.add_argument("seed", type=int)
+        if name in ("run", "calibrate"):
+            p.add_argument("--candidates", default=",".join(CANDIDATES))
+        if name == "run":
+            p.add_argument("--seeds", default="0")
+            p.add_argument("--jobs", type=int, default=2)
+        if name == "report":
+            p.add_argument("--out", default="docs/demo_study")
+            p.add_argument("--fixed-wall", type=float, default=8.0,
+                           help="the demo's fixed seconds on 2 cores: start-up, classifier, files")
+            p.add_argument("--highlight", default="")
+    args = parser.parse_args(argv)
+    runs = Path(args.runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    if args.cmd == "one":
+        run_one(args.candidate, args.seed, runs)
+    elif args.cmd == "run":
+        names = [n for n in args.candidates.split(",") if n]
+        unknown = [n for n in names if n not in CANDIDATES]
+        if unknown:
+            parser.error(f"unknown candidate {unknown[0]!r}")
+        run_all(names, [int(s) for s in args.seeds.split(",")], runs, args.jobs)
+    elif args.cmd == "calibrate":
+        calibrate([n for n in args.candidates.split(",") if n], runs)
+    else:
+        report(runs, Path(args.out), args.fixed_wall, set(filter(None, args.highlight.split(","))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
