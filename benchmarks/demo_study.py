@@ -26,6 +26,7 @@ and run in parallel; ``report`` reads them all.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -40,14 +41,19 @@ import torch
 
 SAMPLE_SEEDS = range(400)  # the demo's 400 digits
 # name -> (solver, steps): the few-step samplers scored at every evaluation (the solvers do not clip x0)
-SAMPLERS = {"dpmpp-2m-20": ("dpmpp-2m", 20), "unipc-20": ("unipc", 20), "unipc-10": ("unipc", 10)}
+SAMPLERS = {"dpmpp-2m-20": ("dpmpp-2m", 20), "unipc-20": ("unipc", 20)}
 BASELINE_SAMPLER = ("ddpm-250", ("ddpm", 250))  # today's demo: 250 leading-spaced DDPM steps, clipped
-EXTRA_EMAS = (0.995, 0.99)  # scored with dpmpp-2m-20 only, with the (1+n)/(10+n) warm-up
+# Other weights scored with dpmpp-2m-20 only: the raw model (decay 0) and an EMA of 0.995 without the
+# warm-up. (With the presets' (1+n)/(10+n) warm-up, decays of 0.99-0.999 are the same average for the
+# first ~900 steps: seed 0 of "today" shows identical figures at 375 steps.)
+EXTRA_EMAS = ((0.0, False), (0.995, False))
 
 # Candidate recipes: TrainConfig fields over the digits preset (batch 128, lr 1e-3, warmup 100, EMA 0.999
 # with warm-up, linear schedule, UNet (32, 64, 64)). "evals": the steps at which the EMA is scored.
 CANDIDATES: dict[str, dict] = {
-    "today": dict(train={}, evals=[375, 500, 750, 1000, 1500], baseline_at=1500),
+    # today's demo (the digits preset, 250 DDPM steps); seed 0 was also scored at 375, 750 and 1000 steps
+    # (and with unipc-10 and an EMA of 0.99): the extra points of one trajectory cost evaluation time only
+    "today": dict(train={}, evals=[500, 1500], baseline_at=1500),
     "b64": dict(train=dict(batch_size=64), evals=[500, 750, 1000, 1500]),
     "b128-cos500": dict(train=dict(lr_decay="cosine", steps=500), evals=[500]),
     "b128-cos800": dict(train=dict(lr_decay="cosine", steps=800), evals=[800]),
@@ -55,6 +61,8 @@ CANDIDATES: dict[str, dict] = {
     "b64-lr2e-3-cos1000": dict(train=dict(batch_size=64, lr=2e-3, lr_decay="cosine", steps=1000), evals=[1000]),
     "w16-b64-cos1000": dict(train=dict(batch_size=64, lr_decay="cosine", steps=1000,
                                        unet={"block_out_channels": [16, 32, 32]}), evals=[1000]),
+    "b128-lr2e-3-cos800": dict(train=dict(lr=2e-3, lr_decay="cosine", steps=800), evals=[800]),
+    "b64-cos1300": dict(train=dict(batch_size=64, lr_decay="cosine", steps=1300), evals=[1300]),
     "b64-cos1000-cosched": dict(train=dict(batch_size=64, lr_decay="cosine", steps=1000, schedule="cosine"),
                                 evals=[1000]),
 }
@@ -94,6 +102,7 @@ def run_one(name: str, seed: int, out: Path) -> dict:
     trainer = Trainer(train_config(name, seed))
     extra = {d: copy.deepcopy(trainer.ema) for d in EXTRA_EMAS}
     extra_params = {d: list(m.parameters()) for d, m in extra.items()}
+    tags = {d: ("raw" if d[0] == 0 else f"ema{d[0]}" + ("" if d[1] else "-nowarmup")) for d in EXTRA_EMAS}
     train_cpu, train_wall, evals = 0.0, 0.0, []
     for target in spec["evals"]:
         c0, w0 = time.process_time(), time.perf_counter()
@@ -103,8 +112,9 @@ def run_one(name: str, seed: int, out: Path) -> dict:
             trainer.train_step()
             e0 = time.process_time()
             with torch.no_grad():
-                for d, params in extra_params.items():
-                    torch._foreach_lerp_(params, trainer._params, 1.0 - min(d, (1 + step) / (10 + step)))
+                for (d, warm), params in extra_params.items():
+                    decay = min(d, (1 + step) / (10 + step)) if warm else d
+                    torch._foreach_lerp_(params, trainer._params, 1.0 - decay)
             extra_cpu += time.process_time() - e0
         train_cpu += time.process_time() - c0 - extra_cpu
         train_wall += time.perf_counter() - w0 - extra_cpu
@@ -112,7 +122,10 @@ def run_one(name: str, seed: int, out: Path) -> dict:
         for label, (solver, steps) in SAMPLERS.items():
             row["scores"][label] = score(trainer.ema, trainer.schedule, solver, steps)
         for d, model in extra.items():
-            row["scores"][f"dpmpp-2m-20/ema{d}"] = score(model, trainer.schedule, "dpmpp-2m", 20)
+            row["scores"][f"dpmpp-2m-20/{tags[d]}"] = score(model, trainer.schedule, "dpmpp-2m", 20)
+        # the EMA weights, so other samplers can score this point later (``rescore``)
+        torch.save({"ema": trainer.ema.state_dict(), "unet": trainer.unet_config.to_dict(),
+                    "schedule": trainer.config.schedule}, out / f"{name}--seed{seed}--step{target}.pt")
         if spec.get("baseline_at") == target:
             label, (solver, steps) = BASELINE_SAMPLER
             row["scores"][label] = score(trainer.ema, trainer.schedule, solver, steps)
@@ -127,6 +140,33 @@ def run_one(name: str, seed: int, out: Path) -> dict:
               "time": time.time()}
     _write_json(out / f"{name}--seed{seed}.json", result)
     return result
+
+
+def rescore(out: Path, pattern: str, samplers: list[str]) -> None:
+    """Score saved EMA weights (``NAME--seedS--stepN.pt``) with more samplers ("ddpm-100", "dpmpp-2m-sde-20"...);
+    the figures are added to the run's JSON under the eval of that step."""
+    from ddpm_fast.schedule import NoiseSchedule
+    from ddpm_fast.unet import UNet, UNetConfig
+
+    torch.set_num_threads(1)
+    for path in sorted(out.glob(pattern + ".pt")):
+        name_seed, step = path.stem.rsplit("--step", 1)
+        result_path = out / f"{name_seed}.json"
+        if not result_path.is_file():
+            continue
+        saved = torch.load(path, map_location="cpu")
+        model = UNet(UNetConfig.from_dict(saved["unet"])).eval()
+        model.load_state_dict(saved["ema"])
+        schedule = NoiseSchedule.linear(1000) if saved["schedule"] == "linear" else NoiseSchedule.cosine(1000)
+        result = json.loads(result_path.read_text())
+        ev = next(e for e in result["evals"] if e["step"] == int(step))
+        for label in samplers:
+            if label in ev["scores"]:
+                continue
+            solver, steps = label.rsplit("-", 1)
+            ev["scores"][label] = score(model, schedule, solver, int(steps))
+            print(f"{path.stem} {label}: FD {ev['scores'][label]['fd']:.2f}", flush=True)
+        _write_json(result_path, result)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -155,33 +195,34 @@ def run_all(names: list[str], seeds: list[int], out: Path, jobs: int) -> None:
                 print(f"{label}: {'done' if proc.returncode == 0 else f'FAILED ({proc.returncode})'}", flush=True)
 
 
-def calibrate(names: list[str], out: Path, steps: int = 12, warm: int = 3) -> dict:
-    """Per recipe: CPU seconds per training step with 1 thread and wall seconds with 2, side by side."""
+def calibrate(names: list[str], out: Path, steps: int = 8, rounds: int = 3) -> dict:
+    """Per recipe: CPU seconds per training step on one thread, NCHW against channels-last (a speed knob
+    only: the same mathematics), and the 2-thread wall seconds per step; interleaved rounds, minimum kept.
+    On a loaded machine the 2-thread figure is not the idle one (OpenMP threads wait for each other)."""
     from ddpm_fast.training import Trainer
 
     rows = {}
     for name in names:
-        trainer = Trainer(train_config(name, 0))
-        row = {}
-        for threads in (1, 2, 1, 2):  # interleaved, twice: the load drifts
-            torch.set_num_threads(threads)
-            for _ in range(warm):
-                trainer.train_step()
-            c0, w0 = time.process_time(), time.perf_counter()
-            for _ in range(steps):
-                trainer.train_step()
-            cpu, wall = (time.process_time() - c0) / steps, (time.perf_counter() - w0) / steps
-            row.setdefault(threads, []).append({"cpu_s": cpu, "wall_s": wall})
-        rows[name] = {"cpu_per_step_1t": min(r["cpu_s"] for r in row[1]),
-                      "wall_per_step_1t": min(r["wall_s"] for r in row[1]),
-                      "wall_per_step_2t": min(r["wall_s"] for r in row[2]),
-                      "batch_size": trainer.config.batch_size, "raw": row}
+        trainers = {cl: Trainer(dataclasses.replace(train_config(name, 0), channels_last=cl)) for cl in (False, True)}
+        seen: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            for key, threads, cl in (("cpu_1t_nchw", 1, False), ("cpu_1t_channels_last", 1, True),
+                                     ("wall_2t_channels_last", 2, True)):
+                torch.set_num_threads(threads)
+                trainer = trainers[cl]
+                trainer.train_step()  # warm
+                c0, w0 = time.process_time(), time.perf_counter()
+                for _ in range(steps):
+                    trainer.train_step()
+                cpu, wall = (time.process_time() - c0) / steps, (time.perf_counter() - w0) / steps
+                seen.setdefault(key, []).append(wall if key.startswith("wall") else cpu)
+        rows[name] = {k: min(v) for k, v in seen.items()} | {"raw": seen}
         r = rows[name]
-        print(f"{name}: 1 thread {r['cpu_per_step_1t'] * 1e3:.1f} ms CPU/step ({r['wall_per_step_1t'] * 1e3:.1f} wall), "
-              f"2 threads {r['wall_per_step_2t'] * 1e3:.1f} ms wall/step: "
-              f"x{r['wall_per_step_1t'] / r['wall_per_step_2t']:.2f}", flush=True)
+        print(f"{name}: 1 thread {r['cpu_1t_nchw'] * 1e3:.1f} ms CPU/step NCHW, {r['cpu_1t_channels_last'] * 1e3:.1f} "
+              f"channels-last; 2 threads {r['wall_2t_channels_last'] * 1e3:.1f} ms wall/step (load {os.getloadavg()[0]:.1f})",
+              flush=True)
     result = {"rows": rows, "loadavg": os.getloadavg(), "torch": torch.__version__, "time": time.time(),
-              "steps": steps}
+              "steps": steps, "rounds": rounds}
     _write_json(out / "calibration.json", result)
     return result
 
@@ -204,8 +245,9 @@ def collect(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("*--seed*.json"))]
 
 
-def summarise(runs: list[dict], calibration: dict, fixed_wall_s: float) -> list[dict]:
-    """One row per (candidate, eval step, sampler): FD mean/spread over seeds, CPU s, predicted 2-core wall."""
+def summarise(runs: list[dict], speedup: float, fixed_cpu_s: float) -> list[dict]:
+    """One row per (candidate, eval step, sampler): FD mean/spread over seeds, CPU seconds, and the demo's
+    predicted wall time: (training + sampling CPU seconds) / speedup + the fixed single-threaded costs."""
     table: dict[tuple, dict] = {}
     for run in runs:
         for ev in run["evals"]:
@@ -218,7 +260,6 @@ def summarise(runs: list[dict], calibration: dict, fixed_wall_s: float) -> list[
                 row["sample_cpu_s"].append(sc["sample_cpu_s"])
                 row["seeds"].append(run["seed"])
     rows = []
-    cal = calibration.get("rows", {})
     for row in table.values():
         fds = row["fd"]
         row["fd_mean"] = statistics.fmean(fds)
@@ -227,34 +268,33 @@ def summarise(runs: list[dict], calibration: dict, fixed_wall_s: float) -> list[
         row["n_seeds"] = len(fds)
         row["train_cpu_s_mean"] = statistics.fmean(row["train_cpu_s"])
         row["sample_cpu_s_mean"] = statistics.fmean(row["sample_cpu_s"])
-        c = cal.get(row["candidate"])
-        if c:
-            # 2-core wall of training = its measured 1-thread CPU seconds x (2-thread wall / 1-thread CPU per step)
-            ratio = c["wall_per_step_2t"] / c["cpu_per_step_1t"]
-            row["train_wall_2core_s"] = row["train_cpu_s_mean"] * ratio
-            # sampling on 2 cores: the same ratio is a fair guess for the same network's forward passes
-            row["demo_wall_2core_s"] = row["train_wall_2core_s"] + row["sample_cpu_s_mean"] * ratio + fixed_wall_s
+        work = row["train_cpu_s_mean"] + row["sample_cpu_s_mean"]
+        row["demo_cpu_1t_s"] = work + fixed_cpu_s
+        row["demo_wall_2core_s"] = work / speedup + fixed_cpu_s
         rows.append(row)
-    rows.sort(key=lambda r: (r.get("demo_wall_2core_s", r["train_cpu_s_mean"]), r["fd_mean"]))
+    rows.sort(key=lambda r: (r["demo_wall_2core_s"], r["fd_mean"]))
     return rows
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
-        f"Digits Frechet distance of the demo's 400 samples (seeds 0..399; lower is better; held-out real digits, "
-        f"the floor: {meta['floor']:.2f}) against the cost of the recipe. Training on one thread "
-        f"({meta['cpu']}, torch {meta['torch']}); 2-core wall predicted from the calibration "
-        f"(2-thread wall / 1-thread CPU per step: {meta['ratio_text']}) plus {meta['fixed_wall_s']:.1f} s of fixed demo "
-        f"costs (start-up, quality classifier, files). FD: mean ± sd over the seeds (min-max).", "",
+        f"Digits Frechet distance of the demo's 400 samples (seeds 0..399; lower is better; 400 held-out real digits, "
+        f"the floor: {meta['floor']:.2f}) against the cost of each recipe, trained from scratch with one thread "
+        f"({meta['cpu']}, torch {meta['torch']}, process CPU seconds). The demo's wall time on 2 idle cores is "
+        f"predicted as (training + sampling CPU s) / {meta['speedup']:.2f} + {meta['fixed_cpu_s']:.1f} s of "
+        f"single-threaded fixed costs (start-up, data, the quality classifier, files); see the notes below the table. "
+        f"FD: mean ± sd over the seeds (min-max). Samplers: dpmpp-2m-20 = DPM-Solver++ 2M, 20 steps; unipc-20 = "
+        f"UniPC bh2, 20 steps; unipc-10; ddpm-250 = 250 of the 1,000 DDPM steps (today's demo); '/raw' = the "
+        f"raw weights instead of the EMA, '/ema0.995-nowarmup' = an EMA of 0.995 without the warm-up.", "",
         "| candidate | train steps | sampler | seeds | FD mean ± sd (min-max) | train CPU s (1 thread) | "
-        "sample CPU s | predicted demo wall, 2 cores |",
-        "|---|---|---|---|---|---|---|---|"]
+        "sample CPU s | demo CPU s (1 thread) | predicted demo wall, 2 idle cores |",
+        "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sd = "" if math.isnan(r["fd_sd"]) else f" ± {r['fd_sd']:.2f}"
         spread = f" ({r['fd_min']:.2f}-{r['fd_max']:.2f})" if r["n_seeds"] > 1 else ""
-        wall = f"{r['demo_wall_2core_s']:.0f} s" if "demo_wall_2core_s" in r else "—"
         lines.append(f"| {r['candidate']} | {r['step']} | {r['sampler']} | {r['n_seeds']} | {r['fd_mean']:.2f}{sd}"
-                     f"{spread} | {r['train_cpu_s_mean']:.0f} | {r['sample_cpu_s_mean']:.1f} | {wall} |")
+                     f"{spread} | {r['train_cpu_s_mean']:.0f} | {r['sample_cpu_s_mean']:.1f} | "
+                     f"{r['demo_cpu_1t_s']:.0f} | {r['demo_wall_2core_s']:.0f} s |")
     return "\n".join(lines) + "\n"
 
 
@@ -263,7 +303,7 @@ def plot(rows: list[dict], path: Path, meta: dict, highlight: set[str]) -> None:
     seeds' min-max as a bar; the 90 s budget and today's FD as lines."""
     from PIL import Image, ImageDraw
 
-    pts = [r for r in rows if "demo_wall_2core_s" in r and r["sampler"] in ("dpmpp-2m-20", "unipc-20", "ddpm-250")]
+    pts = [r for r in rows if r["sampler"] in ("dpmpp-2m-20", "unipc-20", "ddpm-250")]
     W, H, left, right, top, bottom = 1000, 620, 80, 260, 50, 70
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
@@ -315,22 +355,19 @@ def plot(rows: list[dict], path: Path, meta: dict, highlight: set[str]) -> None:
     img.save(path)
 
 
-def report(runs_dir: Path, out: Path, fixed_wall_s: float, highlight: set[str]) -> None:
+def report(runs_dir: Path, out: Path, speedup: float, fixed_cpu_s: float, highlight: set[str]) -> None:
     runs = collect(runs_dir)
-    cal_path = runs_dir / "calibration.json"
-    calibration = json.loads(cal_path.read_text()) if cal_path.is_file() else {}
-    rows = summarise(runs, calibration, fixed_wall_s)
+    rows = summarise(runs, speedup, fixed_cpu_s)
     floor = statistics.fmean(sc["fd_heldout_real"] for run in runs for ev in run["evals"] for sc in ev["scores"].values())
     today = next((r["fd_mean"] for r in rows if r["candidate"] == "today" and r["sampler"] == "ddpm-250"), None)
-    ratios = {k: v["wall_per_step_2t"] / v["cpu_per_step_1t"] for k, v in calibration.get("rows", {}).items()}
+    cal_path = runs_dir / "calibration.json"
     meta = {"cpu": _cpu_name(), "torch": torch.__version__, "floor": floor, "today_fd": today,
-            "fixed_wall_s": fixed_wall_s, "calibration": calibration, "ratios": ratios,
-            "ratio_text": ", ".join(f"{k} {v:.2f}" for k, v in sorted(ratios.items())) or "not measured",
+            "speedup": speedup, "fixed_cpu_s": fixed_cpu_s,
+            "calibration": json.loads(cal_path.read_text()) if cal_path.is_file() else None,
             "samplers": {k: list(v) for k, v in SAMPLERS.items()}, "baseline_sampler": BASELINE_SAMPLER[1],
             "candidates": CANDIDATES}
     out.parent.mkdir(parents=True, exist_ok=True)
-    clean = [{k: v for k, v in r.items()} for r in rows]
-    _write_json(out.with_suffix(".json"), {"meta": meta, "rows": clean, "runs": runs})
+    _write_json(out.with_suffix(".json"), {"meta": meta, "rows": rows, "runs": runs})
     text = markdown(rows, meta)
     from ddpm_fast.checkpoint import atomic_write
 
@@ -342,7 +379,7 @@ def report(runs_dir: Path, out: Path, fixed_wall_s: float, highlight: set[str]) 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "one", "calibrate", "report"):
+    for name in ("run", "one", "calibrate", "report", "rescore"):
         p = sub.add_parser(name)
         p.add_argument("--runs", default="/tmp/demo_study", help="folder of the per-run results")
         if name == "one":
@@ -353,10 +390,15 @@ def main(argv=None) -> int:
         if name == "run":
             p.add_argument("--seeds", default="0")
             p.add_argument("--jobs", type=int, default=2)
+        if name == "rescore":
+            p.add_argument("pattern", help="a glob of saved weights without .pt, e.g. 'b64-cos1000--seed*--step1000'")
+            p.add_argument("samplers", help="comma-separated SOLVER-STEPS, e.g. ddpm-100,ddim-50")
         if name == "report":
             p.add_argument("--out", default="docs/demo_study")
-            p.add_argument("--fixed-wall", type=float, default=8.0,
-                           help="the demo's fixed seconds on 2 cores: start-up, classifier, files")
+            p.add_argument("--speedup", type=float, default=1.8,
+                           help="2-thread wall speed-up over 1-thread CPU seconds of a training step (idle machine)")
+            p.add_argument("--fixed-cpu", type=float, default=7.0,
+                           help="the demo's single-threaded fixed seconds: start-up, data, classifier, files")
             p.add_argument("--highlight", default="")
     args = parser.parse_args(argv)
     runs = Path(args.runs)
@@ -369,10 +411,12 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"unknown candidate {unknown[0]!r}")
         run_all(names, [int(s) for s in args.seeds.split(",")], runs, args.jobs)
+    elif args.cmd == "rescore":
+        rescore(runs, args.pattern, [x for x in args.samplers.split(",") if x])
     elif args.cmd == "calibrate":
         calibrate([n for n in args.candidates.split(",") if n], runs)
     else:
-        report(runs, Path(args.out), args.fixed_wall, set(filter(None, args.highlight.split(","))))
+        report(runs, Path(args.out), args.speedup, args.fixed_cpu, set(filter(None, args.highlight.split(","))))
     return 0
 
 
