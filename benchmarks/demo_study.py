@@ -54,7 +54,9 @@ CANDIDATES: dict[str, dict] = {
     # today's demo (the digits preset, 250 DDPM steps); seed 0 was also scored at 375, 750 and 1000 steps
     # (and with unipc-10 and an EMA of 0.99): the extra points of one trajectory cost evaluation time only
     "today": dict(train={}, evals=[500, 1500], baseline_at=1500),
-    "b64": dict(train=dict(batch_size=64), evals=[500, 750, 1000, 1500]),
+    "b64": dict(train=dict(batch_size=64), evals=[1000, 1300, 1600]),
+    "b32": dict(train=dict(batch_size=32), evals=[1000, 1500, 2000, 2500]),
+    "b64-cosched": dict(train=dict(batch_size=64, schedule="cosine"), evals=[1000, 1300, 1600]),
     "b128-cos500": dict(train=dict(lr_decay="cosine", steps=500), evals=[500]),
     "b128-cos800": dict(train=dict(lr_decay="cosine", steps=800), evals=[800]),
     "b64-cos1000": dict(train=dict(batch_size=64, lr_decay="cosine", steps=1000), evals=[1000]),
