@@ -54,8 +54,10 @@ CANDIDATES: dict[str, dict] = {
     # today's demo (the digits preset, 250 DDPM steps); seed 0 was also scored at 375, 750 and 1000 steps
     # (and with unipc-10 and an EMA of 0.99): the extra points of one trajectory cost evaluation time only
     "today": dict(train={}, evals=[500, 1500], baseline_at=1500),
-    "b64": dict(train=dict(batch_size=64), evals=[1000, 1300, 1600]),
-    "b32": dict(train=dict(batch_size=32), evals=[1000, 1500, 2000, 2500]),
+    # seed 0 of b64 and b32 was scored at 1000/1300/1600 and 1000/1500/2000/2500 steps, with the raw and
+    # no-warm-up EMA weights too; the other seeds at the points that fit the budget, the EMA only
+    "b64": dict(train=dict(batch_size=64), evals=[1000, 1300], extra=False),
+    "b32": dict(train=dict(batch_size=32), evals=[1500, 2000], extra=False),
     "b64-cosched": dict(train=dict(batch_size=64, schedule="cosine"), evals=[1000, 1300, 1600]),
     "b128-cos500": dict(train=dict(lr_decay="cosine", steps=500), evals=[500]),
     "b128-cos800": dict(train=dict(lr_decay="cosine", steps=800), evals=[800]),
@@ -102,7 +104,7 @@ def run_one(name: str, seed: int, out: Path) -> dict:
     torch.set_num_threads(1)
     spec = CANDIDATES[name]
     trainer = Trainer(train_config(name, seed))
-    extra = {d: copy.deepcopy(trainer.ema) for d in EXTRA_EMAS}
+    extra = {d: copy.deepcopy(trainer.ema) for d in EXTRA_EMAS} if spec.get("extra", True) else {}
     extra_params = {d: list(m.parameters()) for d, m in extra.items()}
     tags = {d: ("raw" if d[0] == 0 else f"ema{d[0]}" + ("" if d[1] else "-nowarmup")) for d in EXTRA_EMAS}
     train_cpu, train_wall, evals = 0.0, 0.0, []
@@ -145,30 +147,27 @@ def run_one(name: str, seed: int, out: Path) -> dict:
 
 
 def rescore(out: Path, pattern: str, samplers: list[str]) -> None:
-    """Score saved EMA weights (``NAME--seedS--stepN.pt``) with more samplers ("ddpm-100", "dpmpp-2m-sde-20"...);
-    the figures are added to the run's JSON under the eval of that step."""
+    """Score saved EMA weights (``NAME--seedS--stepN.pt``) with more samplers ("ddpm-100", "ddim-50"...) into
+    ``NAME--seedS--stepN.rescore.json``; ``collect`` adds them to that run's evaluation at step N."""
     from ddpm_fast.schedule import NoiseSchedule
     from ddpm_fast.unet import UNet, UNetConfig
 
     torch.set_num_threads(1)
     for path in sorted(out.glob(pattern + ".pt")):
-        name_seed, step = path.stem.rsplit("--step", 1)
-        result_path = out / f"{name_seed}.json"
-        if not result_path.is_file():
-            continue
         saved = torch.load(path, map_location="cpu")
         model = UNet(UNetConfig.from_dict(saved["unet"])).eval()
         model.load_state_dict(saved["ema"])
         schedule = NoiseSchedule.linear(1000) if saved["schedule"] == "linear" else NoiseSchedule.cosine(1000)
-        result = json.loads(result_path.read_text())
-        ev = next(e for e in result["evals"] if e["step"] == int(step))
+        result_path = path.with_suffix(".rescore.json")
+        scores = json.loads(result_path.read_text()) if result_path.is_file() else {}
         for label in samplers:
-            if label in ev["scores"]:
+            if label in scores:
                 continue
             solver, steps = label.rsplit("-", 1)
-            ev["scores"][label] = score(model, schedule, solver, int(steps))
-            print(f"{path.stem} {label}: FD {ev['scores'][label]['fd']:.2f}", flush=True)
-        _write_json(result_path, result)
+            scores[label] = score(model, schedule, solver, int(steps))
+            print(f"{path.stem} {label}: FD {scores[label]['fd']:.2f}, {scores[label]['sample_cpu_s']:.1f} CPU s",
+                  flush=True)
+            _write_json(result_path, scores)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -244,12 +243,57 @@ def _cpu_name() -> str:
 
 
 def collect(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(out.glob("*--seed*.json"))]
+    """Every finished run's JSON; for a run still going (or stopped), the evaluations its log printed
+    (training CPU seconds and FDs; the sampling CPU seconds then read 0), marked ``"partial": True``."""
+    runs = [json.loads(p.read_text()) for p in sorted(out.glob("*--seed*.json"))]
+    done = {(r["candidate"], r["seed"]) for r in runs}
+    for log in sorted(out.glob("*--seed*.log")):
+        name, seed = log.stem.rsplit("--seed", 1)
+        if (name, int(seed)) in done:
+            continue
+        evals = []
+        for line in log.read_text().splitlines():
+            head, _, tail = line.partition(" CPU s; ")
+            if not tail or " step " not in head:
+                continue
+            step, cpu = head.rsplit(" step ", 1)[1].split(": ")
+            scores = {}
+            for item in tail.split(", "):
+                label, fd = item.rsplit(" ", 1)
+                scores[label] = {"fd": float(fd), "sample_cpu_s": 0.0, "fd_heldout_real": float("nan")}
+            evals.append({"step": int(step), "train_cpu_s": float(cpu), "scores": scores})
+        if evals:
+            runs.append({"candidate": name, "seed": int(seed), "evals": evals, "partial": True})
+    for extra in sorted(out.glob("*--seed*--step*.rescore.json")):
+        name_seed, step = extra.name[: -len(".rescore.json")].rsplit("--step", 1)
+        name, seed = name_seed.rsplit("--seed", 1)
+        for run in runs:
+            if run["candidate"] == name and run["seed"] == int(seed):
+                for ev in run["evals"]:
+                    if ev["step"] == int(step):
+                        ev["scores"].update({k: v for k, v in json.loads(extra.read_text()).items()
+                                             if k not in ev["scores"]})
+    return runs
+
+
+# The 2-thread speed-up of a training step, by batch size. One thread: A1 + C * batch CPU seconds per step
+# (measured here, NCHW: 56, 71, 110 and 175 ms at batch 16, 32, 64 and 128). Two threads on an idle machine:
+# 97.5 ms at batch 128 (1,268-1,339 images/s, the first 100 steps of today's demo before the other jobs
+# started). The per-image part can at best halve, so A2 (the per-step part on two threads) is at least
+# 97.5 - C * 128 / 2 ms; taking that bound gives the smallest speed-up at small batches.
+STEP_A1, STEP_C, STEP_2T_AT_128 = 0.039, 0.00106, 0.0975
+STEP_A2 = STEP_2T_AT_128 - STEP_C * 128 / 2
+
+
+def speedup_at(batch: int) -> float:
+    """Predicted 2-thread wall speed-up over 1-thread CPU seconds of one training step at ``batch``."""
+    return (STEP_A1 + STEP_C * batch) / (STEP_A2 + STEP_C * batch / 2)
 
 
 def summarise(runs: list[dict], speedup: float, fixed_cpu_s: float) -> list[dict]:
     """One row per (candidate, eval step, sampler): FD mean/spread over seeds, CPU seconds, and the demo's
-    predicted wall time: (training + sampling CPU seconds) / speedup + the fixed single-threaded costs."""
+    predicted wall time on 2 idle cores: training CPU seconds / speedup_at(batch) + sampling CPU seconds /
+    ``speedup`` + the fixed single-threaded costs."""
     table: dict[tuple, dict] = {}
     for run in runs:
         for ev in run["evals"]:
@@ -261,8 +305,14 @@ def summarise(runs: list[dict], speedup: float, fixed_cpu_s: float) -> list[dict
                 row["train_cpu_s"].append(ev["train_cpu_s"])
                 row["sample_cpu_s"].append(sc["sample_cpu_s"])
                 row["seeds"].append(run["seed"])
+    # a run still going reports no sampling seconds (0 from its log): take the sampler's median elsewhere
+    typical: dict[str, list[float]] = {}
+    for row in table.values():
+        typical.setdefault(row["sampler"], []).extend(x for x in row["sample_cpu_s"] if x > 0)
     rows = []
     for row in table.values():
+        if typical.get(row["sampler"]):
+            row["sample_cpu_s"] = [x or statistics.median(typical[row["sampler"]]) for x in row["sample_cpu_s"]]
         fds = row["fd"]
         row["fd_mean"] = statistics.fmean(fds)
         row["fd_sd"] = statistics.stdev(fds) if len(fds) > 1 else float("nan")
@@ -270,12 +320,30 @@ def summarise(runs: list[dict], speedup: float, fixed_cpu_s: float) -> list[dict
         row["n_seeds"] = len(fds)
         row["train_cpu_s_mean"] = statistics.fmean(row["train_cpu_s"])
         row["sample_cpu_s_mean"] = statistics.fmean(row["sample_cpu_s"])
-        work = row["train_cpu_s_mean"] + row["sample_cpu_s_mean"]
-        row["demo_cpu_1t_s"] = work + fixed_cpu_s
-        row["demo_wall_2core_s"] = work / speedup + fixed_cpu_s
+        batch = CANDIDATES.get(row["candidate"], {}).get("train", {}).get("batch_size", 128)
+        row["train_speedup_2t"] = speedup_at(batch)
+        row["demo_cpu_1t_s"] = row["train_cpu_s_mean"] + row["sample_cpu_s_mean"] + fixed_cpu_s
+        row["demo_wall_2core_s"] = (row["train_cpu_s_mean"] / row["train_speedup_2t"]
+                                    + row["sample_cpu_s_mean"] / speedup + fixed_cpu_s)
         rows.append(row)
-    rows.sort(key=lambda r: (r["demo_wall_2core_s"], r["fd_mean"]))
+    rows.sort(key=lambda r: (r["candidate"], r["step"], r["sampler"]))
     return rows
+
+
+MAIN_SAMPLERS = ("dpmpp-2m-20", "ddpm-250")
+
+
+def _table(rows: list[dict]) -> list[str]:
+    lines = ["| candidate | train steps | sampler | seeds | FD mean ± sd (min-max) | train CPU s (1 thread) | "
+             "sample CPU s | demo CPU s (1 thread) | predicted demo wall, 2 idle cores |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sd = "" if math.isnan(r["fd_sd"]) else f" ± {r['fd_sd']:.2f}"
+        spread = f" ({r['fd_min']:.2f}-{r['fd_max']:.2f})" if r["n_seeds"] > 1 else ""
+        lines.append(f"| {r['candidate']} | {r['step']} | {r['sampler']} | {r['n_seeds']} | {r['fd_mean']:.2f}{sd}"
+                     f"{spread} | {r['train_cpu_s_mean']:.0f} | {r['sample_cpu_s_mean']:.1f} | "
+                     f"{r['demo_cpu_1t_s']:.0f} | {r['demo_wall_2core_s']:.0f} s |")
+    return lines
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -283,20 +351,21 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"Digits Frechet distance of the demo's 400 samples (seeds 0..399; lower is better; 400 held-out real digits, "
         f"the floor: {meta['floor']:.2f}) against the cost of each recipe, trained from scratch with one thread "
         f"({meta['cpu']}, torch {meta['torch']}, process CPU seconds). The demo's wall time on 2 idle cores is "
-        f"predicted as (training + sampling CPU s) / {meta['speedup']:.2f} + {meta['fixed_cpu_s']:.1f} s of "
-        f"single-threaded fixed costs (start-up, data, the quality classifier, files); see the notes below the table. "
-        f"FD: mean ± sd over the seeds (min-max). Samplers: dpmpp-2m-20 = DPM-Solver++ 2M, 20 steps; unipc-20 = "
-        f"UniPC bh2, 20 steps; unipc-10; ddpm-250 = 250 of the 1,000 DDPM steps (today's demo); '/raw' = the "
-        f"raw weights instead of the EMA, '/ema0.995-nowarmup' = an EMA of 0.995 without the warm-up.", "",
-        "| candidate | train steps | sampler | seeds | FD mean ± sd (min-max) | train CPU s (1 thread) | "
-        "sample CPU s | demo CPU s (1 thread) | predicted demo wall, 2 idle cores |",
-        "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        sd = "" if math.isnan(r["fd_sd"]) else f" ± {r['fd_sd']:.2f}"
-        spread = f" ({r['fd_min']:.2f}-{r['fd_max']:.2f})" if r["n_seeds"] > 1 else ""
-        lines.append(f"| {r['candidate']} | {r['step']} | {r['sampler']} | {r['n_seeds']} | {r['fd_mean']:.2f}{sd}"
-                     f"{spread} | {r['train_cpu_s_mean']:.0f} | {r['sample_cpu_s_mean']:.1f} | "
-                     f"{r['demo_cpu_1t_s']:.0f} | {r['demo_wall_2core_s']:.0f} s |")
+        f"predicted as training CPU s / S(batch) + sampling CPU s / {meta['speedup']:.2f} + {meta['fixed_cpu_s']:.1f} s "
+        f"of single-threaded fixed costs (start-up, data, the quality classifier, files), where S(batch), the "
+        f"2-thread speed-up of a training step, is {meta['speedups']} (see speedup_at in the script: one idle "
+        f"measurement at batch 128 and a bound for the others); 'demo CPU s (1 thread)' is the bound with no "
+        f"speed-up at all. FD: mean ± sd over the "
+        f"seeds (min-max). Candidates: TrainConfig fields over the digits preset (batch 128, lr 1e-3 after 100 "
+        f"warm-up steps, EMA 0.999 with the (1+n)/(10+n) warm-up, linear betas, U-Net (32, 64, 64)): bN = batch "
+        f"N, cosN = cosine lr decay over N steps, lr2e-3, w16 = U-Net (16, 32, 32), cosched = cosine noise "
+        f"schedule; 'today' is the digits preset (today's demo).", "",
+        "Samplers: dpmpp-2m-20 = DPM-Solver++ 2M, 20 steps; ddpm-250 = 250 of the 1,000 DDPM steps, clipped "
+        "(today's demo).", "", *_table([r for r in rows if r["sampler"] in MAIN_SAMPLERS]), "",
+        "Other samplers and weights on the same runs: unipc-20 / unipc-10 = UniPC bh2, 20 / 10 steps; '/raw' = "
+        "the raw weights instead of the EMA; '/ema0.995-nowarmup' = an EMA of 0.995 without the warm-up; "
+        "'/ema0.995', '/ema0.99' = those decays with the warm-up (the same average as 0.999 for ~900 steps).", "",
+        *_table([r for r in rows if r["sampler"] not in MAIN_SAMPLERS])]
     return "\n".join(lines) + "\n"
 
 
@@ -360,11 +429,13 @@ def plot(rows: list[dict], path: Path, meta: dict, highlight: set[str]) -> None:
 def report(runs_dir: Path, out: Path, speedup: float, fixed_cpu_s: float, highlight: set[str]) -> None:
     runs = collect(runs_dir)
     rows = summarise(runs, speedup, fixed_cpu_s)
-    floor = statistics.fmean(sc["fd_heldout_real"] for run in runs for ev in run["evals"] for sc in ev["scores"].values())
+    floor = statistics.fmean(sc["fd_heldout_real"] for run in runs if not run.get("partial")
+                             for ev in run["evals"] for sc in ev["scores"].values())
     today = next((r["fd_mean"] for r in rows if r["candidate"] == "today" and r["sampler"] == "ddpm-250"), None)
     cal_path = runs_dir / "calibration.json"
     meta = {"cpu": _cpu_name(), "torch": torch.__version__, "floor": floor, "today_fd": today,
             "speedup": speedup, "fixed_cpu_s": fixed_cpu_s,
+            "speedups": ", ".join(f"{speedup_at(b):.2f} at batch {b}" for b in (32, 64, 128)),
             "calibration": json.loads(cal_path.read_text()) if cal_path.is_file() else None,
             "samplers": {k: list(v) for k, v in SAMPLERS.items()}, "baseline_sampler": BASELINE_SAMPLER[1],
             "candidates": CANDIDATES}
