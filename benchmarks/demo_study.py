@@ -58,7 +58,8 @@ CANDIDATES: dict[str, dict] = {
     # no-warm-up EMA weights too; the other seeds at the points that fit the budget, the EMA only
     "b64": dict(train=dict(batch_size=64), evals=[1000, 1300], extra=False),
     "b32": dict(train=dict(batch_size=32), evals=[1500, 2000], extra=False),
-    "b64-cosched": dict(train=dict(batch_size=64, schedule="cosine"), evals=[1000, 1300, 1600]),
+    # seed 0 was also to be scored at 1300 and 1600 steps (stopped: the solvers' figures were broken, see below)
+    "b64-cosched": dict(train=dict(batch_size=64, schedule="cosine"), evals=[1000], extra=False),
     "b128-cos500": dict(train=dict(lr_decay="cosine", steps=500), evals=[500]),
     "b128-cos800": dict(train=dict(lr_decay="cosine", steps=800), evals=[800]),
     "b64-cos1000": dict(train=dict(batch_size=64, lr_decay="cosine", steps=1000), evals=[1000]),
@@ -245,7 +246,7 @@ def _cpu_name() -> str:
 def collect(out: Path) -> list[dict]:
     """Every finished run's JSON; for a run still going (or stopped), the evaluations its log printed
     (training CPU seconds and FDs; the sampling CPU seconds then read 0), marked ``"partial": True``."""
-    runs = [json.loads(p.read_text()) for p in sorted(out.glob("*--seed*.json"))]
+    runs = [json.loads(p.read_text()) for p in sorted(out.glob("*--seed*.json")) if "--step" not in p.name]
     done = {(r["candidate"], r["seed"]) for r in runs}
     for log in sorted(out.glob("*--seed*.log")):
         name, seed = log.stem.rsplit("--seed", 1)
@@ -330,7 +331,7 @@ def summarise(runs: list[dict], speedup: float, fixed_cpu_s: float) -> list[dict
     return rows
 
 
-MAIN_SAMPLERS = ("dpmpp-2m-20", "ddpm-250")
+MAIN_SAMPLERS = ("dpmpp-2m-20", "ddim-20", "ddim-50", "ddpm-250")
 
 
 def _table(rows: list[dict]) -> list[str]:
@@ -358,14 +359,18 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"speed-up at all. FD: mean ± sd over the "
         f"seeds (min-max). Candidates: TrainConfig fields over the digits preset (batch 128, lr 1e-3 after 100 "
         f"warm-up steps, EMA 0.999 with the (1+n)/(10+n) warm-up, linear betas, U-Net (32, 64, 64)): bN = batch "
-        f"N, cosN = cosine lr decay over N steps, lr2e-3, w16 = U-Net (16, 32, 32), cosched = cosine noise "
-        f"schedule; 'today' is the digits preset (today's demo).", "",
-        "Samplers: dpmpp-2m-20 = DPM-Solver++ 2M, 20 steps; ddpm-250 = 250 of the 1,000 DDPM steps, clipped "
+        f"N, cosN = cosine lr decay over N steps, cosched = cosine noise schedule; 'today' is the digits preset "
+        f"(today's demo). Defined in the script but not run this time (or stopped before their first evaluation, to fit the session): {meta['not_run'] or 'none'}.", "",
+        "Samplers: dpmpp-2m-20 = DPM-Solver++ 2M, 20 steps; ddim-20 = DDIM (eta 0, x0 not clipped), 20 steps, "
+        "and ddim-50, scored later on the saved EMA weights (``rescore``); ddpm-250 = 250 of the 1,000 DDPM steps, clipped "
         "(today's demo).", "", *_table([r for r in rows if r["sampler"] in MAIN_SAMPLERS]), "",
         "Other samplers and weights on the same runs: unipc-20 / unipc-10 = UniPC bh2, 20 / 10 steps; '/raw' = "
         "the raw weights instead of the EMA; '/ema0.995-nowarmup' = an EMA of 0.995 without the warm-up; "
         "'/ema0.995', '/ema0.99' = those decays with the warm-up (the same average as 0.999 for ~900 steps).", "",
-        *_table([r for r in rows if r["sampler"] not in MAIN_SAMPLERS])]
+        *_table([r for r in rows if r["sampler"] not in MAIN_SAMPLERS]), "",
+        "Rows from a run that was stopped before its end (to fit the session) come from its log: their "
+        "sampling CPU seconds are the sampler's median elsewhere. Seeds differ between rows where runs were "
+        "stopped early (the seeds column counts them)."]
     return "\n".join(lines) + "\n"
 
 
@@ -374,7 +379,9 @@ def plot(rows: list[dict], path: Path, meta: dict, highlight: set[str]) -> None:
     seeds' min-max as a bar; the 90 s budget and today's FD as lines."""
     from PIL import Image, ImageDraw
 
-    pts = [r for r in rows if r["sampler"] in ("dpmpp-2m-20", "unipc-20", "ddpm-250")]
+    colours = {"dpmpp-2m-20": (255, 127, 14), "ddim-20": (31, 119, 180), "ddim-50": (0, 150, 150),
+               "ddpm-250": (90, 90, 90)}
+    pts = [r for r in rows if r["sampler"] in colours]
     W, H, left, right, top, bottom = 1000, 620, 80, 260, 50, 70
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
@@ -408,7 +415,6 @@ def plot(rows: list[dict], path: Path, meta: dict, highlight: set[str]) -> None:
         _, y = xy(0, fd)
         d.line([left, y, W - right, y], fill=colour, width=1)
         d.text((W - right + 5, y - 6), f"{label} {fd:.2f}", fill=colour)
-    colours = {"dpmpp-2m-20": (255, 127, 14), "unipc-20": (148, 103, 189), "ddpm-250": (90, 90, 90)}
     for r in pts:
         colour = colours[r["sampler"]]
         x, y = xy(r["demo_wall_2core_s"], r["fd_mean"])
@@ -418,6 +424,8 @@ def plot(rows: list[dict], path: Path, meta: dict, highlight: set[str]) -> None:
         rad = 5 if r["candidate"] in highlight else 3
         d.ellipse([x - rad, y - rad, x + rad, y + rad], fill=colour if r["candidate"] in highlight else None,
                   outline=colour)
+        if r["fd_mean"] <= y_hi:
+            d.text((x + 6, y - 5), f"{r['candidate']} {r['step']} (n={r['n_seeds']})", fill=(60, 60, 60))
     for i, (label, colour) in enumerate(colours.items()):
         ly = top + 60 + 18 * i
         d.ellipse([W - right + 10, ly, W - right + 18, ly + 8], fill=colour)
@@ -438,7 +446,8 @@ def report(runs_dir: Path, out: Path, speedup: float, fixed_cpu_s: float, highli
             "speedups": ", ".join(f"{speedup_at(b):.2f} at batch {b}" for b in (32, 64, 128)),
             "calibration": json.loads(cal_path.read_text()) if cal_path.is_file() else None,
             "samplers": {k: list(v) for k, v in SAMPLERS.items()}, "baseline_sampler": BASELINE_SAMPLER[1],
-            "candidates": CANDIDATES}
+            "candidates": CANDIDATES,
+            "not_run": ", ".join(sorted(set(CANDIDATES) - {r["candidate"] for r in runs}))}
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_json(out.with_suffix(".json"), {"meta": meta, "rows": rows, "runs": runs})
     text = markdown(rows, meta)

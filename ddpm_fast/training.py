@@ -99,8 +99,8 @@ class TrainConfig:
     steps: total optimizer steps of the run (a resumed run continues up to this number).
     lr / warmup: Adam's learning rate, reached linearly over ``warmup`` steps. grad_clip: max grad norm.
     lr_decay: after the warmup, "none" (constant lr: Ho, every preset) or "cosine" (half a cosine from lr
-    down to 0 at ``steps``; for short runs such as the demo's, where it buys quality per step; resuming with
-    another ``steps`` reshapes the rest of the decay).
+    down to 0 at ``steps``; benchmarks/demo_study.py measures it for short runs; resuming with another
+    ``steps`` reshapes the rest of the decay).
     ema_decay / ema_warmup: EMA of the weights; with warmup the decay is min(decay, (1+n)/(10+n)).
     save_every / sample_every / log_every: in steps; 0 turns checkpoints (except the final one) or
     sample grids off. sample_steps: sampler steps for the grids (None: all T).
