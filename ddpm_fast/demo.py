@@ -1,28 +1,66 @@
-"""``ddpm-fast demo``: the whole pipeline on data that ships with the install, in a few CPU minutes.
+"""``ddpm-fast demo``: the whole pipeline on data that ships with the install, in about a minute on 2 CPU cores.
 
-1. train the digits preset on scikit-learn's 1,797 bundled 8x8 digits into ``DIR/run`` (a normal run
-   folder: ``ddpm-fast sample DIR/run ...`` works on it; running the demo again reuses or continues it);
-2. sample digits from the EMA weights with FastSampler;
+1. train the digits U-Net on scikit-learn's 1,797 bundled 8x8 digits into ``DIR/run`` (a normal run
+   folder: ``ddpm-fast sample DIR/run ...`` works on it; running the demo again reuses or continues it),
+   with the demo's recipe (:data:`RECIPES`: "quick" by default, "full" for today's longer one);
+2. sample 400 digits from the EMA weights with FastSampler and the recipe's sampler (50 DDIM steps
+   for "quick", 250 DDPM steps for "full");
 3. write ``DIR/samples.png`` (8x upscaled so a person sees the digits) and ``DIR/samples.npz``;
 4. print the quality figure (``ddpm_fast.quality``: Frechet distance in a digit classifier's feature
    space, next to the held-out-real floor and a Gaussian baseline, plus the spread over the ten digits)
-   and the timings.
+   and where the time went (start-up, training, sampling, scoring, files).
+
+The quick recipe was picked by ``benchmarks/demo_study.py`` (docs/demo_study.md): the FD of the demo's 400
+samples over several training seeds against the recipe's cost, for candidates over batch size, learning
+rate and its decay, EMA, model width, noise schedule and sampler.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-__all__ = ["run_demo", "DemoResult", "DEMO_SAMPLES", "DEMO_SAMPLE_STEPS"]
+__all__ = ["run_demo", "DemoResult", "DemoRecipe", "RECIPES", "DEMO_SAMPLES"]
 
 DEMO_SAMPLES = 400  # the quality figure needs a few hundred samples to be stable
 DEMO_GRID = 100  # the first 100 go into samples.png (10 x 10)
-DEMO_SAMPLE_STEPS = 250  # of T = 1000 (leading spacing): a quarter of the cost, FD still near the floor
 DEMO_SCALE = 8
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """How the demo trains and samples.
+
+    train: TrainConfig fields over the digits preset (applied to the digits preset only; the hidden
+    "tiny" preset for tests keeps its own). solver / sample_steps / clip_x0: the sampler (generate()'s
+    arguments). about: one line for the report.
+    """
+
+    name: str
+    train: dict = field(default_factory=dict)
+    solver: str = "ddpm"
+    sample_steps: int = 250
+    clip_x0: bool = True
+    about: str = ""
+
+
+RECIPES: dict[str, DemoRecipe] = {
+    # picked by benchmarks/demo_study.py (docs/demo_study.md) as the best digits FD whose demo fits 90 s on
+    # 2 cores: batch 64 beat 128 and 32 at the same CPU seconds, a constant lr beat a cosine decay at this
+    # length, and the cosine noise schedule (improved-diffusion's) beat the linear one, sampled with DDIM
+    # (DPM-Solver++ and UniPC, as diffusers' with lambda_min_clipped unset, fail on that schedule; the
+    # study shows them at FD ~186). 50 DDIM steps cost a fifth of 250 DDPM steps.
+    "quick": DemoRecipe("quick", train=dict(batch_size=64, steps=1000, schedule="cosine", save_every=250),
+                        solver="ddim", sample_steps=50, clip_x0=False,
+                        about="1,000 steps at batch 64, cosine noise schedule; 50 DDIM steps"),
+    # the digits preset as it is (1,500 steps at batch 128, linear schedule) and 250 of the 1,000 DDPM steps
+    "full": DemoRecipe("full", train={}, solver="ddpm", sample_steps=250, clip_x0=True,
+                       about="the digits preset, 1,500 steps at batch 128; 250 of the 1,000 DDPM steps"),
+}
 
 
 @dataclass
@@ -39,18 +77,33 @@ class DemoResult:
     sample_seconds: float
     total_seconds: float
     trained_steps: int
+    recipe: str = "quick"
+    timings: dict = field(default_factory=dict)  # seconds by stage: startup, train, sample, score, files, total
 
 
-def run_demo(out_dir="ddpm_demo", *, steps: int | None = None, num_samples: int | None = None,
-             sample_steps: int | None = None, preset: str = "digits", device=None, compile: bool = False,
-             progress: bool = True, echo=print) -> DemoResult:
+def process_age_seconds() -> float | None:
+    """Seconds since this process started (Linux: /proc), or None where that cannot be read."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def run_demo(out_dir="ddpm_demo", *, recipe: str = "quick", steps: int | None = None,
+             num_samples: int | None = None, sample_steps: int | None = None, preset: str = "digits",
+             seed: int = 0, device=None, compile: bool = False, progress: bool = True, echo=print) -> DemoResult:
     """Train, sample, write ``samples.png`` and report (see the module docstring).
 
-    steps: training steps (default: the digits preset's). num_samples: digits to sample (default 400;
-    at least 2 for the quality figure). sample_steps: sampler steps (default 250 of T = 1000). preset:
-    "digits" (or "tiny" for smoke tests). compile: torch.compile training and sampling on CUDA (off by
+    recipe: "quick" (the default, about a minute on 2 CPU cores) or "full" (today's longer recipe with
+    250 DDPM steps); see :data:`RECIPES`. steps: training steps (default: the recipe's). num_samples:
+    digits to sample (default 400; at least 2 for the quality figure). sample_steps: sampler steps
+    (default: the recipe's). preset: "digits" (or "tiny" for smoke tests). seed: the training seed (the
+    samples are always seeds 0..num_samples-1). compile: torch.compile training and sampling on CUDA (off by
     default: compiling costs more than it saves on this small model). echo: where the report lines go.
     """
+    startup = process_age_seconds()
     from .data import save_grid, to_uint8_nhwc
     from .distributed import resolve_device
     from .generate import generate, load_model_source, write_samples
@@ -58,50 +111,74 @@ def run_demo(out_dir="ddpm_demo", *, steps: int | None = None, num_samples: int 
     from .training import TrainConfig, train
 
     start = time.perf_counter()
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown demo recipe {recipe!r}: use one of {', '.join(RECIPES)}")
+    spec = RECIPES[recipe]
     out_dir = Path(out_dir)
-    run_dir = out_dir / "run"
+    run_dir = out_dir / ("run" if recipe == "quick" else f"run-{recipe}")
     num_samples = DEMO_SAMPLES if num_samples is None else num_samples
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 (the quality figure needs a spread), got {num_samples}")
-    sample_steps = DEMO_SAMPLE_STEPS if sample_steps is None else sample_steps
+    sample_steps = spec.sample_steps if sample_steps is None else sample_steps
     device = resolve_device(device)
 
     # 1. train (resume=True: a second demo reuses the finished run, an interrupted one continues)
-    echo(f"[1/3] training the {preset} preset on the bundled 8x8 digits into {run_dir} ({device})")
-    config = TrainConfig(data="digits", out=str(run_dir), preset=preset, steps=steps, device=str(device),
-                         compile=compile, progress=progress, resume=True, sample_every=0)
+    fields = dict(spec.train) if preset == "digits" else {}
+    if steps is not None:
+        fields["steps"] = steps
+    echo(f"[1/3] training the {preset} preset ({recipe} recipe) on the bundled 8x8 digits into {run_dir} ({device})")
+    config = TrainConfig(**{**dict(data="digits", out=str(run_dir), preset=preset, seed=seed, device=str(device),
+                                   compile=compile, progress=progress, resume=True, sample_every=0), **fields})
+    t0 = time.perf_counter()
     run = train(config)
+    train_wall = time.perf_counter() - t0
     if run.resumed_from is not None and run.resumed_from >= run.step:
         echo(f"      reused the finished run at {run_dir} (step {run.step}); delete it to train afresh")
 
     # 2. sample from the EMA weights
-    echo(f"[2/3] sampling {num_samples} digits ({sample_steps} of T steps, EMA weights)")
+    what = f"{sample_steps} {spec.solver} steps" if spec.solver != "ddpm" else f"{sample_steps} of T DDPM steps"
+    echo(f"[2/3] sampling {num_samples} digits ({what}, EMA weights)")
     model, schedule, _ = load_model_source(run_dir, device=device)
     t0 = time.perf_counter()
     images = generate(model, schedule, range(num_samples), steps=min(sample_steps, schedule.num_timesteps),
-                      variance="fixed_large", clip_x0=True, device=device,
+                      solver=spec.solver, variance="fixed_large", clip_x0=spec.clip_x0, device=device,
                       sampler_options={"compile": bool(compile)})
     sample_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
     npz = write_samples(images, out_dir)["npz"]  # also grid.png with all samples
     samples_png = save_grid(to_uint8_nhwc(images[:DEMO_GRID]), out_dir / "samples.png", nrow=10,
                             scale=DEMO_SCALE, padding=4)
+    files_seconds = time.perf_counter() - t0
 
     # 3. quality and timings
     echo("[3/3] measuring quality")
+    t0 = time.perf_counter()
     quality = digits_quality_report(images)
-    total = time.perf_counter() - start
+    score_seconds = time.perf_counter() - t0
+    total = time.perf_counter() - start + (startup or 0.0)
     echo("")
     echo(format_quality_report(quality))
     verdict = quality["fd_model"] < quality["fd_gaussian"]
     echo(f"the model {'beats' if verdict else 'does NOT beat'} the Gaussian baseline "
          f"({quality['fd_model']:.2f} vs {quality['fd_gaussian']:.2f}; floor {quality['fd_heldout_real']:.2f})")
     echo("")
-    train_note = (f"{run.train_seconds:.1f} s for {run.step - (run.resumed_from or 0)} steps "
-                  f"({run.images_per_second:,.0f} images/s)")
+    trained = run.step - (run.resumed_from or 0)
+    setup = train_wall - run.train_seconds  # loading the digits, building the model, checkpoints
+    timings = {"startup": startup, "train": run.train_seconds, "train_setup": setup, "sample": sample_seconds,
+               "files": files_seconds, "score": score_seconds, "total": total}
     where = str(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    echo(f"timings ({where}): train {train_note}; sample {sample_seconds:.1f} s "
-         f"({num_samples / sample_seconds:,.1f} images/s, {sample_steps} steps); total {total:.1f} s")
+    echo(f"where the time went ({where}; recipe {recipe}: {spec.about}):")
+    if startup is not None:
+        echo(f"  start-up (python, torch import)   {startup:6.1f} s")
+    echo(f"  training                          {run.train_seconds:6.1f} s   {trained} steps, "
+         f"{run.images_per_second:,.0f} images/s")
+    echo(f"  data, model set-up, checkpoints   {setup:6.1f} s")
+    echo(f"  sampling                          {sample_seconds:6.1f} s   {num_samples / sample_seconds:,.1f} images/s, "
+         f"{sample_steps} steps")
+    echo(f"  scoring (classifier + features)   {score_seconds:6.1f} s")
+    echo(f"  writing files                     {files_seconds:6.1f} s")
+    echo(f"  total                             {total:6.1f} s" + ("" if startup is not None else " (after start-up)"))
     echo(f"wrote {samples_png} ({min(DEMO_GRID, num_samples)} digits, {DEMO_SCALE}x) and {npz}; "
          f"the run is at {run_dir} (try: ddpm-fast sample {run_dir} --out {out_dir / 'more'} --seeds 0-63)")
     return DemoResult(out_dir, run_dir, samples_png, npz, quality, run.train_seconds, run.images_per_second,
-                      sample_seconds, total, run.step)
+                      sample_seconds, total, run.step, recipe, timings)

@@ -70,8 +70,10 @@ PRESETS: dict[str, dict] = {
                  ema_warmup=True, flip=False, save_every=10, sample_every=0, log_every=5),
 }
 
+LR_DECAYS = ("none", "cosine")  # TrainConfig.lr_decay: what the lr does after its warmup
+
 # Fields that change the mathematics of a run: a resumed run must keep them.
-_RUN_DEFINING = ("data", "image_size", "channels", "preset", "batch_size", "lr", "warmup", "grad_clip",
+_RUN_DEFINING = ("data", "image_size", "channels", "preset", "batch_size", "lr", "warmup", "lr_decay", "grad_clip",
                  "ema_decay", "ema_warmup", "seed", "num_timesteps", "schedule", "flip", "unet")
 
 
@@ -96,6 +98,9 @@ class TrainConfig:
     out: the run folder. preset: "digits", "cifar10" or "tiny" (model size and recipe).
     steps: total optimizer steps of the run (a resumed run continues up to this number).
     lr / warmup: Adam's learning rate, reached linearly over ``warmup`` steps. grad_clip: max grad norm.
+    lr_decay: after the warmup, "none" (constant lr: Ho, every preset) or "cosine" (half a cosine from lr
+    down to 0 at ``steps``; benchmarks/demo_study.py measures it for short runs; resuming with another
+    ``steps`` reshapes the rest of the decay).
     ema_decay / ema_warmup: EMA of the weights; with warmup the decay is min(decay, (1+n)/(10+n)).
     save_every / sample_every / log_every: in steps; 0 turns checkpoints (except the final one) or
     sample grids off. sample_steps: sampler steps for the grids (None: all T).
@@ -123,6 +128,7 @@ class TrainConfig:
     lr: float | None = None
     warmup: int | None = None
     grad_clip: float = 1.0
+    lr_decay: str = "none"
     ema_decay: float | None = None
     ema_warmup: bool | None = None
     save_every: int | None = None
@@ -198,6 +204,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay!r} (Ho et al. use 0.9999)")
         if self.dtype not in ("bf16", "fp32"):
             raise ValueError(f"dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {', '.join(map(repr, LR_DECAYS))}, got {self.lr_decay!r}")
         if self.schedule not in ("linear", "cosine"):
             raise ValueError(f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
         if self.dtype == "bf16" and torch.device(self.device).type != "cuda":
@@ -292,9 +300,15 @@ class Trainer:
 
     # -- the pieces of one step --------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        """Linear warmup from lr/warmup to lr over the first ``warmup`` steps, then constant (Ho)."""
-        warmup = self.config.warmup
-        return self.config.lr * min(1.0, (step + 1) / warmup) if warmup else self.config.lr
+        """Linear warmup from lr/warmup to lr over the first ``warmup`` steps, then constant (Ho) or, with
+        ``lr_decay="cosine"``, half a cosine down to 0 at step ``steps`` (step is 0-based)."""
+        cfg = self.config
+        if cfg.warmup and step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        if cfg.lr_decay == "cosine":
+            progress = (step + 1 - cfg.warmup) / (cfg.steps + 1 - cfg.warmup)  # the last step keeps a little
+            return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return cfg.lr
 
     def ema_decay_at(self, step: int) -> float:
         decay = self.config.ema_decay

@@ -100,7 +100,7 @@ def test_demo_at_a_tiny_size(tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     for needle in ("Frechet distance", "held-out real digits", "Gaussian fit to pixels", "samples per digit",
-                   "timings (", "images/s", "samples.png"):
+                   "where the time went", "training", "sampling", "scoring", "images/s", "samples.png"):
         assert needle in printed, needle
     png = Image.open(out / "samples.png")
     assert png.size[0] >= 8 * 8 * 10  # 10 digits per row, upscaled 8x

@@ -1,0 +1,81 @@
+"""The demo's recipes (quick by default, --full for the longer one), its --seed, and the training option the
+demo study measures (a cosine lr decay, off by default)."""
+
+import json
+import math
+
+import pytest
+
+from ddpm_fast.cli import main
+from ddpm_fast.demo import RECIPES
+from ddpm_fast.errors import DDPMFastError
+from ddpm_fast.training import PRESETS, TrainConfig, Trainer, train
+
+CPU = ["--device", "cpu"]
+SMALL = {"block_out_channels": [8, 16], "norm_num_groups": 4}
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _config(tmp_path, **kw):
+    base = dict(data="digits", out=str(tmp_path / "run"), preset="tiny", steps=10, batch_size=8, save_every=5,
+                log_every=5, progress=False, unet=SMALL, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_cosine_lr_decay_follows_half_a_cosine_after_the_warmup(tmp_path):
+    lr, warmup, steps = 1e-3, 2, 10
+    trainer = Trainer(_config(tmp_path, lr=lr, warmup=warmup, steps=steps, lr_decay="cosine"))
+    got = [trainer.lr_at(s) for s in range(steps)]
+    # warmup: lr/2, lr; then lr * (1 + cos(pi * k / 9)) / 2 for k = 1..8 (k = 9 would be step 10, past the run)
+    want = [lr / 2, lr] + [lr * (1 + math.cos(math.pi * k / (steps + 1 - warmup))) / 2 for k in range(1, 9)]
+    assert got == pytest.approx(want, rel=1e-12)
+    assert all(a > b for a, b in zip(got[1:], got[2:])) and 0 < got[-1] < 0.05 * lr
+    constant = Trainer(_config(tmp_path, lr=lr, warmup=warmup, steps=steps))
+    assert constant.config.lr_decay == "none" and [constant.lr_at(s) for s in range(2, steps)] == [lr] * 8
+
+
+def test_lr_decay_is_off_in_every_preset_and_checked(tmp_path):
+    for preset in PRESETS:
+        assert TrainConfig(data="digits", preset=preset, device="cpu").resolved().lr_decay == "none"
+    with pytest.raises(ValueError, match="lr_decay must be one of 'none', 'cosine'"):
+        _config(tmp_path, lr_decay="linear").resolved()
+
+
+def test_a_resumed_run_keeps_its_lr_decay(tmp_path):
+    train(_config(tmp_path, steps=2, save_every=2, lr_decay="cosine"))
+    plain = tmp_path / "plain"
+    train(_config(tmp_path, out=str(plain), steps=2, save_every=2))
+    with pytest.raises(DDPMFastError, match="keeps the run's lr_decay='none'"):
+        train(_config(tmp_path, out=str(plain), steps=4, resume=True, lr_decay="cosine"))
+    resumed = train(_config(tmp_path, steps=3, resume=True))  # not given: the stored decay goes on
+    assert resumed.step == 3
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["lr_decay"] == "cosine"
+
+
+def test_the_recipes_resolve_and_full_is_the_digits_preset():
+    for recipe in RECIPES.values():
+        config = TrainConfig(data="digits", preset="digits", device="cpu", **recipe.train).resolved()
+        assert config.steps >= 1 and recipe.sample_steps >= 1
+    full = RECIPES["full"]
+    assert full.train == {} and (full.solver, full.sample_steps, full.clip_x0) == ("ddpm", 250, True)
+    quick = RECIPES["quick"]
+    assert quick.solver != "ddpm" and quick.sample_steps <= 50 and not quick.clip_x0
+    assert TrainConfig(data="digits", preset="digits", device="cpu", **quick.train).resolved().steps < \
+        TrainConfig(data="digits", preset="digits", device="cpu").resolved().steps
+
+
+def test_demo_full_and_seed_at_a_tiny_size(tmp_path, capsys):
+    """--full samples with DDPM into DIR/run-full; --seed reaches the run's config; the default (quick)
+    recipe names its solver."""
+    out = tmp_path / "demo"
+    tiny = ["--preset", "tiny", "--steps", "2", "--num-samples", "4", "--sample-steps", "2", "--no-progress", *CPU]
+    assert main(["demo", "--out", str(out), "--full", "--seed", "3", *tiny]) == 0
+    printed = capsys.readouterr().out
+    assert "full recipe" in printed and "2 of T DDPM steps" in printed and "where the time went" in printed
+    assert json.loads((out / "run-full" / "config.json").read_text())["train"]["seed"] == 3
+    assert main(["demo", "--out", str(out), *tiny]) == 0
+    printed = capsys.readouterr().out
+    assert f"2 {RECIPES['quick'].solver} steps" in printed and (out / "run" / "config.json").is_file()
+    assert json.loads((out / "run" / "config.json").read_text())["train"]["seed"] == 0
