@@ -1,8 +1,9 @@
-"""``ddpm-fast demo``: the whole pipeline on data that ships with the install, in about a minute on 2 CPU cores.
+"""``ddpm-fast demo``: the whole pipeline on data that ships with the install, in a few minutes on 2 CPU cores.
 
 1. train the digits U-Net on scikit-learn's 1,797 bundled 8x8 digits into ``DIR/run`` (a normal run
    folder: ``ddpm-fast sample DIR/run ...`` works on it; running the demo again reuses or continues it),
-   with the demo's recipe (:data:`RECIPES`: "quick" by default, "full" for today's longer one);
+   with the demo's recipe (:data:`RECIPES`: "full" by default, "quick" for the 2.5x cheaper one, whose FD is
+   worse: docs/demo_study.md);
 2. sample 400 digits from the EMA weights with FastSampler and the recipe's sampler (50 DDIM steps
    for "quick", 250 DDPM steps for "full");
 3. write ``DIR/samples.png`` (8x upscaled so a person sees the digits) and ``DIR/samples.npz``;
@@ -10,8 +11,8 @@
    space, next to the held-out-real floor and a Gaussian baseline, plus the spread over the ten digits)
    and where the time went (start-up, training, sampling, scoring, files).
 
-The quick recipe was picked by ``benchmarks/demo_study.py`` (docs/demo_study.md): the FD of the demo's 400
-samples over several training seeds against the recipe's cost, for candidates over batch size, learning
+The quick recipe (``--quick``) was picked by ``benchmarks/demo_study.py`` (docs/demo_study.md): the FD of the
+demo's 400 samples over several training seeds against the recipe's cost, for candidates over batch size, learning
 rate and its decay, EMA, model width, noise schedule and sampler.
 """
 
@@ -50,7 +51,8 @@ class DemoRecipe:
 
 RECIPES: dict[str, DemoRecipe] = {
     # picked by benchmarks/demo_study.py (docs/demo_study.md) as the best digits FD whose demo fits 90 s on
-    # 2 cores: batch 64 beat 128 and 32 at the same CPU seconds, a constant lr beat a cosine decay at this
+    # 2 cores; not the default, because its FD (11.6 +- 2.4 over 3 seeds) is worse than the full recipe's
+    # (8.9 +- 1.4), and the demo must not show worse digits to save time: batch 64 beat 128 and 32 at the same CPU seconds, a constant lr beat a cosine decay at this
     # length, and the cosine noise schedule (improved-diffusion's) beat the linear one, sampled with DDIM
     # (DPM-Solver++ and UniPC, as diffusers' with lambda_min_clipped unset, fail on that schedule; the
     # study shows them at FD ~186). 50 DDIM steps cost a fifth of 250 DDPM steps.
@@ -77,7 +79,7 @@ class DemoResult:
     sample_seconds: float
     total_seconds: float
     trained_steps: int
-    recipe: str = "quick"
+    recipe: str = "full"
     timings: dict = field(default_factory=dict)  # seconds by stage: startup, train, sample, score, files, total
 
 
@@ -91,13 +93,13 @@ def process_age_seconds() -> float | None:
         return None
 
 
-def run_demo(out_dir="ddpm_demo", *, recipe: str = "quick", steps: int | None = None,
+def run_demo(out_dir="ddpm_demo", *, recipe: str = "full", steps: int | None = None,
              num_samples: int | None = None, sample_steps: int | None = None, preset: str = "digits",
              seed: int = 0, device=None, compile: bool = False, progress: bool = True, echo=print) -> DemoResult:
     """Train, sample, write ``samples.png`` and report (see the module docstring).
 
-    recipe: "quick" (the default, about a minute on 2 CPU cores) or "full" (today's longer recipe with
-    250 DDPM steps); see :data:`RECIPES`. steps: training steps (default: the recipe's). num_samples:
+    recipe: "full" (the default: the digits preset with 250 DDPM steps, a few minutes on 2 CPU cores) or
+    "quick" (about a minute and a quarter, at a worse FD; see :data:`RECIPES` and docs/demo_study.md). steps: training steps (default: the recipe's). num_samples:
     digits to sample (default 400; at least 2 for the quality figure). sample_steps: sampler steps
     (default: the recipe's). preset: "digits" (or "tiny" for smoke tests). seed: the training seed (the
     samples are always seeds 0..num_samples-1). compile: torch.compile training and sampling on CUDA (off by
@@ -115,7 +117,7 @@ def run_demo(out_dir="ddpm_demo", *, recipe: str = "quick", steps: int | None = 
         raise ValueError(f"unknown demo recipe {recipe!r}: use one of {', '.join(RECIPES)}")
     spec = RECIPES[recipe]
     out_dir = Path(out_dir)
-    run_dir = out_dir / ("run" if recipe == "quick" else f"run-{recipe}")
+    run_dir = out_dir / ("run" if recipe == "full" else f"run-{recipe}")
     num_samples = DEMO_SAMPLES if num_samples is None else num_samples
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 (the quality figure needs a spread), got {num_samples}")

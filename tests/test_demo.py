@@ -1,4 +1,4 @@
-"""The demo's recipes (quick by default, --full for the longer one), its --seed, and the training option the
+"""The demo's recipes (full by default, --quick for the cheaper one), its --seed, and the training option the
 demo study measures (a cosine lr decay, off by default)."""
 
 import json
@@ -67,15 +67,15 @@ def test_the_recipes_resolve_and_full_is_the_digits_preset():
 
 
 def test_demo_full_and_seed_at_a_tiny_size(tmp_path, capsys):
-    """--full samples with DDPM into DIR/run-full; --seed reaches the run's config; the default (quick)
-    recipe names its solver."""
+    """The default (full) recipe samples with DDPM into DIR/run; --seed reaches the run's config; --quick
+    names its solver and trains into DIR/run-quick."""
     out = tmp_path / "demo"
     tiny = ["--preset", "tiny", "--steps", "2", "--num-samples", "4", "--sample-steps", "2", "--no-progress", *CPU]
-    assert main(["demo", "--out", str(out), "--full", "--seed", "3", *tiny]) == 0
+    assert main(["demo", "--out", str(out), "--seed", "3", *tiny]) == 0
     printed = capsys.readouterr().out
     assert "full recipe" in printed and "2 of T DDPM steps" in printed and "where the time went" in printed
-    assert json.loads((out / "run-full" / "config.json").read_text())["train"]["seed"] == 3
-    assert main(["demo", "--out", str(out), *tiny]) == 0
+    assert json.loads((out / "run" / "config.json").read_text())["train"]["seed"] == 3
+    assert main(["demo", "--out", str(out), "--quick", *tiny]) == 0
     printed = capsys.readouterr().out
-    assert f"2 {RECIPES['quick'].solver} steps" in printed and (out / "run" / "config.json").is_file()
-    assert json.loads((out / "run" / "config.json").read_text())["train"]["seed"] == 0
+    assert f"2 {RECIPES['quick'].solver} steps" in printed and (out / "run-quick" / "config.json").is_file()
+    assert json.loads((out / "run-quick" / "config.json").read_text())["train"]["seed"] == 0
