@@ -52,9 +52,9 @@ class DemoRecipe:
 RECIPES: dict[str, DemoRecipe] = {
     # picked by benchmarks/demo_study.py (docs/demo_study.md) as the best digits FD whose demo fits 90 s on
     # 2 cores; not the default, because its FD (11.6 +- 2.4 over 3 seeds) is worse than the full recipe's
-    # (8.9 +- 1.4), and the demo must not show worse digits to save time: batch 64 beat 128 and 32 at the same CPU seconds, a constant lr beat a cosine decay at this
-    # length, and the cosine noise schedule (improved-diffusion's) beat the linear one, sampled with DDIM
-    # (DPM-Solver++ and UniPC, as diffusers' with lambda_min_clipped unset, fail on that schedule; the
+    # (8.9 +- 1.4), and the demo must not show worse digits to save time. Batch 64 beat 128 and 32 at the
+    # same CPU seconds, a constant lr beat a cosine decay at this length, and the cosine noise schedule
+    # (improved-diffusion's) beat the linear one, sampled with DDIM (DPM-Solver++ and UniPC, as diffusers' with lambda_min_clipped unset, fail on that schedule; the
     # study shows them at FD ~186). 50 DDIM steps cost a fifth of 250 DDPM steps.
     "quick": DemoRecipe("quick", train=dict(batch_size=64, steps=1000, schedule="cosine", save_every=250),
                         solver="ddim", sample_steps=50, clip_x0=False,
@@ -99,11 +99,12 @@ def run_demo(out_dir="ddpm_demo", *, recipe: str = "full", steps: int | None = N
     """Train, sample, write ``samples.png`` and report (see the module docstring).
 
     recipe: "full" (the default: the digits preset with 250 DDPM steps, a few minutes on 2 CPU cores) or
-    "quick" (about a minute and a quarter, at a worse FD; see :data:`RECIPES` and docs/demo_study.md). steps: training steps (default: the recipe's). num_samples:
-    digits to sample (default 400; at least 2 for the quality figure). sample_steps: sampler steps
-    (default: the recipe's). preset: "digits" (or "tiny" for smoke tests). seed: the training seed (the
-    samples are always seeds 0..num_samples-1). compile: torch.compile training and sampling on CUDA (off by
-    default: compiling costs more than it saves on this small model). echo: where the report lines go.
+    "quick" (about a minute and a quarter, at a worse FD; see :data:`RECIPES` and docs/demo_study.md).
+    steps: training steps (default: the recipe's). num_samples: digits to sample (default 400; at least 2
+    for the quality figure). sample_steps: sampler steps (default: the recipe's). preset: "digits" (or
+    "tiny" for smoke tests). seed: the training seed (the samples are always seeds 0..num_samples-1).
+    compile: torch.compile training and sampling on CUDA (off by default: compiling costs more than it
+    saves on this small model). echo: where the report lines go.
     """
     startup = process_age_seconds()
     from .data import save_grid, to_uint8_nhwc

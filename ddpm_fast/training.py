@@ -345,9 +345,7 @@ class Trainer:
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step; returns (loss, gradient norm before clipping) as 0-dim device tensors."""
-        x0 = next(self.stream)  # this rank's slice of the global batch
-        if self.config.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
+        x0 = next(self.stream)  # this rank's slice of the global batch, channels-last when the model is
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         loss = self.loss_on_batch(x0, self.step)
