@@ -54,8 +54,9 @@ RECIPES: dict[str, DemoRecipe] = {
     # 2 cores; not the default, because its FD (11.6 +- 2.4 over 3 seeds) is worse than the full recipe's
     # (8.9 +- 1.4), and the demo must not show worse digits to save time. Batch 64 beat 128 and 32 at the
     # same CPU seconds, a constant lr beat a cosine decay at this length, and the cosine noise schedule
-    # (improved-diffusion's) beat the linear one, sampled with DDIM (DPM-Solver++ and UniPC, as diffusers' with lambda_min_clipped unset, fail on that schedule; the
-    # study shows them at FD ~186). 50 DDIM steps cost a fifth of 250 DDPM steps.
+    # (improved-diffusion's) beat the linear one, sampled with DDIM (DPM-Solver++ and UniPC, as diffusers'
+    # with lambda_min_clipped unset, fail on that schedule; the study shows them at FD ~186). 50 DDIM steps
+    # cost a fifth of 250 DDPM steps.
     "quick": DemoRecipe("quick", train=dict(batch_size=64, steps=1000, schedule="cosine", save_every=250),
                         solver="ddim", sample_steps=50, clip_x0=False,
                         about="1,000 steps at batch 64, cosine noise schedule; 50 DDIM steps"),
