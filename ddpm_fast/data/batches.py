@@ -236,8 +236,7 @@ class BatchStream:
         self._producer: _Prefetcher | None = None
         self._ring: _StagingRing | None = None
         self._finalizer = None
-        self._direct = _Slicer(_Plans(len(dataset), seed, self.flip, dataset.device), self.batches_per_epoch,
-                               batch_size, rank, world_size)
+        self._direct = self._slicer()
 
     @property
     def batches_drawn(self) -> int:
@@ -251,14 +250,19 @@ class BatchStream:
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self
 
+    def _slicer(self) -> _Slicer:
+        """This rank's (indices, flips) per batch number, with the epoch plans on the dataset's device (the
+        staged path's dataset is on the host, so its plans are too)."""
+        return _Slicer(_Plans(len(self.dataset), self.seed, self.flip, self.dataset.device), self.batches_per_epoch,
+                       self.batch_size, self.rank, self.world_size)
+
     # assembly -------------------------------------------------------------------------------------
     def _assemble(self, slicer: _Slicer, n: int) -> torch.Tensor:
         """Batch n, float NCHW on the dataset's device (every path but the staged one)."""
         return _assemble(self.dataset, slicer, n, self.channels_last)
 
     def _start(self) -> None:
-        slicer = _Slicer(_Plans(len(self.dataset), self.seed, self.flip, None), self.batches_per_epoch,
-                         self.batch_size, self.rank, self.world_size)
+        slicer = self._slicer()  # the producer thread's own: its plans cache is not shared with _direct
         dataset, channels_last = self.dataset, self.channels_last
         if self.staged:
             if self._ring is None:
@@ -345,5 +349,4 @@ class BatchStream:
                             "pass a dict from BatchStream.state_dict()")
         self.close()  # batches made ahead belong to the old position
         self.seed, self.epoch, self.position = seed, epoch, position
-        self._direct = _Slicer(_Plans(len(self.dataset), seed, self.flip, self.dataset.device),
-                               self.batches_per_epoch, self.batch_size, self.rank, self.world_size)
+        self._direct = self._slicer()
