@@ -269,10 +269,14 @@ def prepare_data(source, out=None, *, image_size: int | None = None, channels: i
             else Path(out).expanduser().resolve())
     if dest.exists() and not is_prepared(dest) and (not dest.is_dir() or any(dest.iterdir())):
         raise DataError(f"{dest} exists and is not a prepared-data folder: choose another --out")
+    # the fingerprint walk (one stat per source file) and the check run before the lock: the ranks of a job
+    # that find the cache current then start side by side instead of queueing behind each other's walks
+    fingerprint = source_fingerprint(path)
+    if _is_current(dest, options, fingerprint):
+        return dest
     try:
         with _locked(dest):
-            fingerprint = source_fingerprint(path)
-            if _is_current(dest, options, fingerprint):
+            if _is_current(dest, options, fingerprint):  # another process built it while we waited
                 return dest
             if is_prepared(dest):
                 print(f"ddpm-fast: {path} or the options changed since {dest} was prepared: preparing it again",
