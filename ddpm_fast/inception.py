@@ -13,7 +13,6 @@ line naming the file and where to put it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import DDPMFastError
+from .integrity import file_sha256 as sha256_file  # the Inception weights' hash, as fid.json records it
 
 __all__ = ["InceptionFeatures", "load_inception", "WEIGHTS_FILE", "WEIGHTS_ENV", "sha256_file"]
 
@@ -31,13 +31,6 @@ FEATURE = "2048"  # pool3, the layer FID is defined on
 NAME = "inception-v3-compat"
 
 
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _hub_cache_file() -> Path:

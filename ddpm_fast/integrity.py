@@ -25,8 +25,11 @@ _LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
 
 def file_sha256(path: str | os.PathLike) -> str:
     """The sha256 of a file's bytes as 64 lowercase hex digits (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()  # hashlib.file_digest would do, but only from Python 3.11 (we support 3.10)
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def sums_text(folder: str | os.PathLike, names) -> str:
