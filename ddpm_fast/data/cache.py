@@ -123,6 +123,8 @@ def _allocate(images_path: Path, shape) -> Path:
     arr = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=tuple(shape))
     offset = arr.offset
     del arr
+    if not hasattr(os, "posix_fallocate"):  # macOS: no reservation, the free-space check above stands alone
+        return images_path
     fd = os.open(images_path, os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, offset + nbytes)
