@@ -40,7 +40,7 @@ import torch
 from .checkpoint import (EMA_FILE, MODEL_FILE, atomic_write, build_model, load_checkpoint, read_json,
                          write_json_atomic)
 from .checks import model_device
-from .distributed import Group, current_group, deal, process_group
+from .distributed import Group, current_group, deal, env_rank, process_group
 from .errors import CheckpointError
 from .hub import resolve_source
 from .sampler import DEFAULT_BATCH_SIZE, SEED_LIMIT, model_image_shape
@@ -408,6 +408,17 @@ class SampleResult:
     samples_sha256: str | None = None
 
 
+def unclipped_start_note(spec: SolverSpec, schedule: NoiseSchedule) -> str | None:
+    """A one-line note when DPM-Solver++ would start where alpha-bar is ~0 (the cosine schedule's last
+    timesteps: its first x0 prediction multiplies eps's error by 1 / alpha), else None."""
+    ab_last = float(schedule.alphas_cumprod[-1])
+    if not spec.name.startswith("dpmpp") or spec.lambda_min_clipped != float("-inf") or ab_last >= 1e-6:
+        return None
+    return (f"ddpm-fast: note: this model's schedule ends at alpha-bar {ab_last:.1e}, where {spec.name} without "
+            "--lambda-min-clipped gives broken images; the demo samples with --lambda-min-clipped -3 "
+            "(docs/demo_study.md; diffusers suggests -5.1)")
+
+
 def sample_to_folder(source, out_dir, seeds, *, steps=None, variance: str | None = None,
                      clip_x0: bool | None = None, reference: bool = False, batch_size: int | None = None,
                      png_per_image: bool = False, use_ema: bool = True, device=None,
@@ -480,6 +491,9 @@ def sample_to_folder(source, out_dir, seeds, *, steps=None, variance: str | None
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     device_type = resolve_device(device).type
+    note = unclipped_start_note(spec, schedule)
+    if note and env_rank() == 0:
+        print(note, file=sys.stderr, flush=True)
     default_clip = meta["clip_x0"] and not spec.multistep
     settings = {"steps": steps, "variance": variance or meta["variance"],
                 "clip_x0": default_clip if clip_x0 is None else bool(clip_x0),

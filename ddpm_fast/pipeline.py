@@ -27,7 +27,7 @@ from .errors import CheckpointError
 from .hub import resolve_source
 from .sampler import FastSampler
 from .schedule import NoiseSchedule
-from .solvers import SolverSpec, solver_spec, solver_timesteps
+from .solvers import SolverSpec, solver_spec, spec_timesteps
 
 __all__ = ["FastDDPMPipeline", "FastPipelineOutput", "SchedulerSettings", "scheduler_settings",
            "schedule_from_scheduler_config", "inference_timesteps"]
@@ -122,8 +122,9 @@ def _multistep_settings(name: str, cfg: dict) -> SchedulerSettings:
     for key, value in _FIXED_OPTIONS.items():
         if key in cfg and cfg[key] != value and not (value is None and cfg[key] in (None, "")):
             raise ValueError(f"{name} with {key}={cfg[key]!r} is not supported: use {key}={value!r}")
-    if cfg.get("lambda_min_clipped", -float("inf")) != -float("inf"):
-        raise ValueError(f"{name} with lambda_min_clipped={cfg['lambda_min_clipped']!r} is not supported: use -inf")
+    clip = cfg.get("lambda_min_clipped", -float("inf"))
+    if clip != -float("inf") and name != "DPMSolverMultistepScheduler":
+        raise ValueError(f"{name} with lambda_min_clipped={clip!r} is not supported: use -inf")
     options = dict(order=int(cfg.get("solver_order", 2)), lower_order_final=bool(cfg.get("lower_order_final", True)),
                    timestep_spacing=cfg.get("timestep_spacing", "linspace"), steps_offset=int(cfg.get("steps_offset", 0)))
     if name == "UniPCMultistepScheduler":
@@ -135,7 +136,7 @@ def _multistep_settings(name: str, cfg: dict) -> SchedulerSettings:
             raise ValueError(f"{name} with algorithm_type={algorithm!r} is not supported: use 'dpmsolver++' or "
                              "'sde-dpmsolver++'")
         kind = "dpmpp-2m-sde" if algorithm == "sde-dpmsolver++" else ("dpmpp-3m" if options["order"] == 3 else "dpmpp-2m")
-        spec = solver_spec(kind, solver_type=cfg.get("solver_type", "midpoint"), **options)
+        spec = solver_spec(kind, solver_type=cfg.get("solver_type", "midpoint"), lambda_min_clipped=clip, **options)
     return SchedulerSettings(schedule=schedule_from_scheduler_config(cfg), variance="fixed_small", clip=None,
                              timestep_spacing=spec.timestep_spacing, steps_offset=spec.steps_offset, solver=spec)
 
@@ -170,7 +171,7 @@ def inference_timesteps(settings: SchedulerSettings, num_inference_steps: int) -
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T:
         raise ValueError(f"num_inference_steps must be an int in 1..{T} (num_train_timesteps), got {n!r}")
     if settings.solver.multistep:
-        return solver_timesteps(T, n, settings.timestep_spacing, settings.steps_offset)
+        return spec_timesteps(settings.schedule, n, settings.solver)
     if settings.timestep_spacing == "linspace":
         steps = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
     elif settings.timestep_spacing == "leading":

@@ -162,11 +162,14 @@ def ddim_step(
     return x_prev.to(x_t.dtype)
 
 
-def training_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, generator: torch.Generator | None = None):
+def training_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, generator: torch.Generator | None = None,
+                  snr_gamma: float | None = None):
     """Ho et al.'s simple loss (Algorithm 1) for one batch: a 0-dim tensor.
 
     Draws t ~ U{0..T-1} and eps ~ N(0, I) (from ``generator`` if given, on the generator's device),
-    forms x_t with :func:`q_sample` and returns mean((eps - model(x_t, t))^2).
+    forms x_t with :func:`q_sample` and returns mean((eps - model(x_t, t))^2). With ``snr_gamma`` (min-SNR
+    weighting, Hang et al. 2023, eq. for eps-prediction) image b's mean squared error is weighted by
+    min(SNR_t, gamma) / SNR_t, SNR_t = ab_t / (1 - ab_t), before the mean over the batch.
     x0: (B, C, H, W) float in [-1, 1]. model: callable (x_t, t int64 (B,)) -> eps (B, C, H, W).
     """
     check_image_batch(x0, "x0")
@@ -176,7 +179,13 @@ def training_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, generator: t
     t, eps = t.to(x0.device), eps.to(x0.device)
     x_t = q_sample(x0, t, eps, schedule)
     eps_pred = model(x_t, t)
-    return F.mse_loss(eps_pred.float(), eps.float())
+    if snr_gamma is None:
+        return F.mse_loss(eps_pred.float(), eps.float())
+    ab = schedule.alphas_cumprod.to(x0.device)[t]
+    snr = ab / (1 - ab)
+    weight = torch.minimum(snr, torch.full_like(snr, snr_gamma)) / snr
+    per_image = ((eps_pred.double() - eps.double()) ** 2).mean(dim=(1, 2, 3))
+    return (weight * per_image).mean()
 
 
 @torch.no_grad()
@@ -329,14 +338,14 @@ def solver_sample(model, schedule: NoiseSchedule, x_T: torch.Tensor, solver="dpm
     float64; returns x_0 in x_T's dtype, or the list of x after every step when ``trajectory``.
     model: callable (x in x_T's dtype, t int64 (B,)) -> eps.
     """
-    from .solvers import _alpha_sigma_lambda, solver_orders, solver_spec, solver_timesteps
+    from .solvers import _alpha_sigma_lambda, solver_orders, solver_spec, spec_timesteps
 
     spec = solver_spec(solver)
     if not spec.multistep:
         raise ValueError(f"solver_sample runs multistep solvers; use sample() for {spec.name!r}")
     T = schedule.num_timesteps
     if isinstance(timesteps, int) and not isinstance(timesteps, bool):
-        steps = solver_timesteps(T, timesteps, spec.timestep_spacing, spec.steps_offset)
+        steps = spec_timesteps(schedule, timesteps, spec)
     else:
         steps = resolve_timesteps(timesteps, T)
     check_image_batch(x_T, "x_T")

@@ -139,7 +139,8 @@ class FastSampler:
         ``solvers.SolverSpec``; None = "ddim" when eta is given, else "ddpm". The multistep solvers match
         diffusers' schedulers at their defaults (lower_order_final, final sigma zero, midpoint / bh2 with
         the corrector). solver_options: their options as keyword arguments of ``solvers.solver_spec``
-        (order, solver_type, lower_order_final, corrector, disable_corrector, timestep_spacing, steps_offset).
+        (order, solver_type, lower_order_final, corrector, disable_corrector, timestep_spacing, steps_offset,
+        lambda_min_clipped).
     variance: "fixed_large" (sigma^2 = beta, Ho's CIFAR-10 choice) or "fixed_small" (posterior variance).
     clip_x0: False, True (clamp the predicted x0 to [-1, 1]) or a range r > 0 (clamp to [-r, r]); ddpm
         and ddim only (diffusers' multistep schedulers have no clipping).
@@ -254,7 +255,7 @@ class FastSampler:
         """Choose the visited timesteps (None, an int count or a descending list); drops cached captures."""
         spec, T = self.solver, self.schedule.num_timesteps
         if spec.multistep and isinstance(timesteps, int) and not isinstance(timesteps, bool):
-            self._set_steps(solvers.solver_timesteps(T, timesteps, spec.timestep_spacing, spec.steps_offset))
+            self._set_steps(solvers.spec_timesteps(self.schedule, timesteps, spec))
         else:
             self._set_steps(resolve_timesteps(timesteps, T))
 

@@ -155,6 +155,18 @@ class NoiseSchedule:
         return (1.0 - self.alphas_cumprod).sqrt()
 
     @property
+    def snr(self) -> torch.Tensor:
+        """Signal-to-noise ratio ab_t / (1 - ab_t) of x_t, (T,) float64."""
+        ab = self.alphas_cumprod
+        return ab / (1.0 - ab)
+
+    def min_snr_weights(self, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma loss weights of an eps-prediction loss (Hang et al. 2023): min(SNR_t, gamma) / SNR_t,
+        (T,) float64 in (0, 1]: 1 where the noise dominates (SNR <= gamma), gamma / SNR_t on the clean end."""
+        snr = self.snr
+        return snr.clamp(max=gamma) / snr
+
+    @property
     def posterior_variance(self) -> torch.Tensor:
         ab = self.alphas_cumprod
         return self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - ab)

@@ -31,7 +31,8 @@ import torch
 from . import coefficients as C
 from .schedule import NoiseSchedule
 
-__all__ = ["SOLVERS", "MULTISTEP_SOLVERS", "SolverSpec", "solver_spec", "solver_timesteps", "solver_table",
+__all__ = ["SOLVERS", "MULTISTEP_SOLVERS", "SolverSpec", "solver_spec", "solver_timesteps", "spec_timesteps",
+           "clipped_last_timestep", "solver_table",
            "solver_orders", "NUM_SOLVER_COLUMNS", "C_H", "K_X", "K_LAST", "K_M", "K_H", "MAX_HISTORY"]
 
 SOLVERS = ("ddpm", "ddim", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "unipc")
@@ -59,6 +60,10 @@ class SolverSpec:
     order anyway with final sigma zero). disable_corrector: UniPC step indices whose corrector is off
     (diffusers' list); corrector=False in :func:`solver_spec` disables it everywhere.
     timestep_spacing / steps_offset: how an int step count becomes timesteps (diffusers' set_timesteps).
+    lambda_min_clipped: DPM-Solver++ only (DPMSolverMultistepScheduler's option): an int step count skips
+    the noisiest timesteps whose lambda = log(alpha / sigma) lies below it. -inf (the default) skips none;
+    the cosine schedule needs it (its alpha-bar reaches ~1e-9 at t = T - 1, where the x0 prediction
+    multiplies eps's error by 1 / alpha ~ 3e4); diffusers suggests -5.1 there.
     eta: DDIM's eta (solver "ddim"). use_clipped_model_output: DDIM with clip_x0 recomputes eps from the
     clipped x0 (True, the default) or keeps the model's eps (False: DDIMScheduler.step's default, what
     DDPMPipeline runs).
@@ -71,6 +76,7 @@ class SolverSpec:
     disable_corrector: tuple = ()
     timestep_spacing: str = "linspace"
     steps_offset: int = 0
+    lambda_min_clipped: float = -math.inf
     eta: float | None = None
     use_clipped_model_output: bool = True
     _checked: bool = field(default=False, repr=False, compare=False)
@@ -102,6 +108,8 @@ class SolverSpec:
         if self.multistep:
             out.update(order=self.order, solver_type=self.solver_type, lower_order_final=self.lower_order_final,
                        timestep_spacing=self.timestep_spacing, steps_offset=self.steps_offset)
+            if self.lambda_min_clipped != -math.inf:
+                out["lambda_min_clipped"] = self.lambda_min_clipped
             if self.corrects:
                 out["disable_corrector"] = list(self.disable_corrector)
         elif self.name == "ddim":
@@ -111,7 +119,8 @@ class SolverSpec:
 
 def solver_spec(solver="ddpm", *, order: int | None = None, solver_type: str | None = None,
                 lower_order_final: bool = True, corrector: bool = True, disable_corrector=(),
-                timestep_spacing: str = "linspace", steps_offset: int = 0, eta: float | None = None) -> SolverSpec:
+                timestep_spacing: str = "linspace", steps_offset: int = 0, lambda_min_clipped: float = -math.inf,
+                eta: float | None = None) -> SolverSpec:
     """A checked :class:`SolverSpec` from a name (or a spec, returned checked). Raises a one-line ValueError."""
     if isinstance(solver, SolverSpec):
         spec = solver
@@ -122,7 +131,8 @@ def solver_spec(solver="ddpm", *, order: int | None = None, solver_type: str | N
         spec = SolverSpec(name=solver, order=order or _DEFAULT_ORDER.get(solver, 0),
                           solver_type=solver_type or _DEFAULT_TYPE.get(solver, ""),
                           lower_order_final=bool(lower_order_final), disable_corrector=disabled,
-                          timestep_spacing=timestep_spacing, steps_offset=steps_offset, eta=eta)
+                          timestep_spacing=timestep_spacing, steps_offset=steps_offset,
+                          lambda_min_clipped=lambda_min_clipped, eta=eta)
         if not corrector:
             spec = replace(spec, disable_corrector=("all",))
     return _check(spec)
@@ -140,6 +150,13 @@ def _check(spec: SolverSpec) -> SolverSpec:
         spec = replace(spec, eta=float(eta))
     elif spec.eta is not None:
         raise ValueError(f"eta applies to the 'ddim' solver only, not {spec.name!r}")
+    clip = spec.lambda_min_clipped
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or math.isnan(clip) or clip == math.inf:
+        raise ValueError(f"lambda_min_clipped must be a number or -inf, got {clip!r}")
+    if clip != -math.inf and not spec.name.startswith("dpmpp"):
+        raise ValueError(f"lambda_min_clipped applies to the DPM-Solver++ solvers (dpmpp-*), not {spec.name!r} "
+                         "(as in diffusers, where only DPMSolverMultistepScheduler has it)")
+    spec = replace(spec, lambda_min_clipped=float(clip))
     if not spec.multistep and (spec.order or spec.solver_type or spec.disable_corrector
                                or spec.timestep_spacing != "linspace" or spec.steps_offset
                                or not spec.lower_order_final):
@@ -172,19 +189,25 @@ def _check(spec: SolverSpec) -> SolverSpec:
     return replace(spec, _checked=True)
 
 
-def solver_timesteps(num_timesteps: int, n: int, spacing: str = "linspace", steps_offset: int = 0) -> list[int]:
+def solver_timesteps(num_timesteps: int, n: int, spacing: str = "linspace", steps_offset: int = 0,
+                     last_timestep: int | None = None) -> list[int]:
     """The descending timesteps DPMSolverMultistepScheduler / UniPCMultistepScheduler.set_timesteps(n)
-    visit (no sigma clipping): "linspace" rounds linspace(0, T - 1, n + 1) and drops 0; "leading" takes
-    multiples of T // (n + 1) plus steps_offset; "trailing" rounds arange(T, 0, -T / n) minus 1."""
+    visit: "linspace" rounds linspace(0, L - 1, n + 1) and drops 0; "leading" takes multiples of
+    L // (n + 1) plus steps_offset; "trailing" rounds arange(L, 0, -T / n) minus 1. L, the end of the
+    range, is T unless lambda_min_clipped moves it (``last_timestep``: see :func:`clipped_last_timestep`);
+    "trailing" then visits fewer than n timesteps, as diffusers does."""
     T = num_timesteps
+    L = T if last_timestep is None else last_timestep
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T:
         raise ValueError(f"the number of steps must be an int in 1..{T}, got {n!r}")
+    if not 1 <= L <= T:
+        raise ValueError(f"the last timestep must lie in 1..{T}, got {L!r}")
     if spacing == "linspace":
-        steps = np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+        steps = np.linspace(0, L - 1, n + 1).round()[::-1][:-1].astype(np.int64)
     elif spacing == "leading":
-        steps = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(np.int64) + steps_offset
+        steps = (np.arange(0, n + 1) * (L // (n + 1))).round()[::-1][:-1].astype(np.int64) + steps_offset
     elif spacing == "trailing":
-        steps = np.arange(T, 0, -T / n).round().astype(np.int64) - 1
+        steps = np.arange(L, 0, -T / n).round().astype(np.int64) - 1
     else:
         raise ValueError(f"timestep_spacing {spacing!r} is not supported: use {', '.join(SPACINGS)}")
     steps = [int(s) for s in steps]
@@ -192,6 +215,29 @@ def solver_timesteps(num_timesteps: int, n: int, spacing: str = "linspace", step
         raise ValueError(f"{n} steps with {spacing} spacing (offset {steps_offset}) do not give distinct "
                          f"timesteps in 0..{T - 1}: use fewer steps or another spacing")
     return steps
+
+
+def clipped_last_timestep(schedule: NoiseSchedule, lambda_min_clipped: float) -> int:
+    """Where DPMSolverMultistepScheduler.set_timesteps ends its range: T minus the number of timesteps
+    whose lambda_t = log(alpha_t) - log(sigma_t) (float32, as diffusers computes it) is below the clip."""
+    T = schedule.num_timesteps
+    if lambda_min_clipped == -math.inf:
+        return T
+    ab = schedule.alphas_cumprod.float()
+    lam = torch.log(ab.sqrt()) - torch.log((1 - ab).sqrt())
+    below = int(torch.searchsorted(torch.flip(lam, [0]), torch.tensor(float(lambda_min_clipped))).item())
+    if below >= T:
+        raise ValueError(f"lambda_min_clipped={lambda_min_clipped} is above every timestep's lambda "
+                         f"(max {lam.max().item():.2f}): use a smaller value")
+    return T - below
+
+
+def spec_timesteps(schedule: NoiseSchedule, n: int, spec: SolverSpec) -> list[int]:
+    """The descending timesteps a multistep solver visits for an int step count ``n``: diffusers'
+    set_timesteps(n) with the spec's spacing, offset and lambda_min_clipped."""
+    spec = _check(spec)
+    last = clipped_last_timestep(schedule, spec.lambda_min_clipped)
+    return solver_timesteps(schedule.num_timesteps, n, spec.timestep_spacing, spec.steps_offset, last)
 
 
 def solver_orders(spec: SolverSpec, num_steps: int) -> tuple[list[int], list[int]]:

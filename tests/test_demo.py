@@ -1,13 +1,15 @@
-"""The demo's recipes (full by default, --quick for the cheaper one), its --seed, and the training option the
-demo study measures (a cosine lr decay, off by default)."""
+"""The demo's recipes (quick by default, --full for the digits preset's), its --seed, the sample command it
+prints, and the training options the demo study measures (a cosine lr decay, off by default)."""
 
 import json
 import math
+import shlex
 
 import pytest
 
 from ddpm_fast.cli import main
-from ddpm_fast.demo import RECIPES
+from ddpm_fast.demo import DEFAULT_RECIPE, RECIPES
+from ddpm_fast.solvers import solver_spec
 from ddpm_fast.errors import DDPMFastError
 from ddpm_fast.training import PRESETS, TrainConfig, Trainer, train
 
@@ -58,24 +60,33 @@ def test_the_recipes_resolve_and_full_is_the_digits_preset():
     for recipe in RECIPES.values():
         config = TrainConfig(data="digits", preset="digits", device="cpu", **recipe.train).resolved()
         assert config.steps >= 1 and recipe.sample_steps >= 1
+        solver_spec(recipe.solver, **recipe.solver_options)  # a valid sampler
     full = RECIPES["full"]
     assert full.train == {} and (full.solver, full.sample_steps, full.clip_x0) == ("ddpm", 250, True)
+    assert DEFAULT_RECIPE == "quick"
     quick = RECIPES["quick"]
-    assert quick.solver != "ddpm" and quick.sample_steps <= 50 and not quick.clip_x0
-    assert TrainConfig(data="digits", preset="digits", device="cpu", **quick.train).resolved().steps < \
-        TrainConfig(data="digits", preset="digits", device="cpu").resolved().steps
+    assert quick.solver == "dpmpp-2m" and quick.sample_steps <= 25 and not quick.clip_x0
+    assert quick.solver_options["lambda_min_clipped"] > -math.inf  # the cosine schedule needs it
+    assert TrainConfig(data="digits", preset="digits", device="cpu", **quick.train).resolved().schedule == "cosine"
 
 
-def test_demo_full_and_seed_at_a_tiny_size(tmp_path, capsys):
-    """The default (full) recipe samples with DDPM into DIR/run; --seed reaches the run's config; --quick
-    names its solver and trains into DIR/run-quick."""
+def test_demo_quick_by_default_full_and_seed_at_a_tiny_size(tmp_path, capsys):
+    """The default (quick) recipe samples with DPM-Solver++ into DIR/run-quick; --seed reaches the run's
+    config; --full samples with DDPM into DIR/run-full; the printed sample command runs."""
     out = tmp_path / "demo"
     tiny = ["--preset", "tiny", "--steps", "2", "--num-samples", "4", "--sample-steps", "2", "--no-progress", *CPU]
     assert main(["demo", "--out", str(out), "--seed", "3", *tiny]) == 0
     printed = capsys.readouterr().out
-    assert "full recipe" in printed and "2 of T DDPM steps" in printed and "where the time went" in printed
-    assert json.loads((out / "run" / "config.json").read_text())["train"]["seed"] == 3
-    assert main(["demo", "--out", str(out), "--quick", *tiny]) == 0
+    assert "quick recipe" in printed and "2 dpmpp-2m steps" in printed and "where the time went" in printed
+    assert json.loads((out / "run-quick" / "config.json").read_text())["train"]["seed"] == 3
+    hint = printed.split("(try: ", 1)[1].rsplit(")", 1)[0]
+    assert "--lambda-min-clipped -3" in hint
+    args = shlex.split(hint)[1:] + ["--device", "cpu"]
+    args[args.index("--steps") + 1] = "3"
+    assert main(args) == 0
+    run = json.loads((out / "more" / "run.json").read_text())
+    assert run["sampling"]["solver"]["lambda_min_clipped"] == -3.0
+    assert main(["demo", "--out", str(out), "--full", *tiny]) == 0
     printed = capsys.readouterr().out
-    assert f"2 {RECIPES['quick'].solver} steps" in printed and (out / "run-quick" / "config.json").is_file()
-    assert json.loads((out / "run-quick" / "config.json").read_text())["train"]["seed"] == 0
+    assert "full recipe" in printed and "2 of T DDPM steps" in printed and (out / "run-full" / "config.json").is_file()
+    assert json.loads((out / "run-full" / "config.json").read_text())["train"]["seed"] == 0

@@ -193,3 +193,28 @@ def test_bad_sources_raise_checkpoint_errors(tmp_path, run_dir):
         load_model_source(broken)
     with pytest.raises(ValueError, match="no seeds"):
         generate(_model(0), NoiseSchedule.linear(T), [])
+
+
+def test_dpmpp_on_a_cosine_schedule_without_lambda_clip_prints_a_note(tmp_path, capsys):
+    """The cosine schedule ends at alpha-bar ~1e-9: DPM-Solver++ without lambda_min_clipped gives broken images
+    there (docs/demo_study.md), so sampling says so in one line; with the clip, or on Ho's linear schedule
+    (alpha-bar 4e-5 at T = 1000), it does not."""
+    root = tmp_path / "run"
+    config = {"format": "ddpm-fast-run", "version": 1, "unet": TINY.to_dict(),
+              "schedule": NoiseSchedule.cosine(1000).to_config(), "train": {}}
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps(config))
+    save_checkpoint(root, step=1, config=config, model=_model(1).state_dict(), ema=_model(2).state_dict(), state={})
+    sample_to_folder(root, tmp_path / "a", [0], steps=3, solver="dpmpp-2m", device="cpu")
+    assert "--lambda-min-clipped" in capsys.readouterr().err
+    result = sample_to_folder(root, tmp_path / "b", [0], steps=3, solver="dpmpp-2m", device="cpu",
+                              solver_options={"lambda_min_clipped": -3.0})
+    assert "--lambda-min-clipped" not in capsys.readouterr().err
+    assert result.settings["solver"]["lambda_min_clipped"] == -3.0
+    config["schedule"] = NoiseSchedule.linear(1000).to_config()
+    linear = tmp_path / "linear"
+    linear.mkdir()
+    (linear / "config.json").write_text(json.dumps(config))
+    save_checkpoint(linear, step=1, config=config, model=_model(1).state_dict(), ema=_model(2).state_dict(), state={})
+    sample_to_folder(linear, tmp_path / "c", [0], steps=3, solver="dpmpp-2m", device="cpu")
+    assert "--lambda-min-clipped" not in capsys.readouterr().err

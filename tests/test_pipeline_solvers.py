@@ -59,9 +59,11 @@ def diffusers_images(unet, scheduler, steps, seed=3, batch_size=2):
     (DPMSolverMultistepScheduler(), "dpmpp-2m"),
     (DPMSolverMultistepScheduler(solver_order=3, timestep_spacing="trailing"), "dpmpp-3m"),
     (DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_type="heun"), "dpmpp-2m-sde"),
+    (DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1), "dpmpp-2m"),
     (UniPCMultistepScheduler(), "unipc"),
     (UniPCMultistepScheduler(solver_order=3, disable_corrector=[0, 2], timestep_spacing="leading"), "unipc"),
-], ids=["ddim-clip", "ddim-offset", "dpmpp-2m", "dpmpp-3m-trailing", "sde-heun", "unipc", "unipc-3-leading"])
+], ids=["ddim-clip", "ddim-offset", "dpmpp-2m", "dpmpp-3m-trailing", "sde-heun", "dpmpp-cosine-clipped", "unipc",
+        "unipc-3-leading"])
 def test_saved_pipeline_picks_the_solver_and_matches_diffusers(unet2d, tmp_path, scheduler, solver):
     pipe = DDPMPipeline(unet=unet2d, scheduler=scheduler)
     pipe.save_pretrained(tmp_path)
@@ -69,6 +71,7 @@ def test_saved_pipeline_picks_the_solver_and_matches_diffusers(unet2d, tmp_path,
     assert fast.sampler.solver.name == solver
     config = dict(scheduler.config)
     if solver != "ddim":
+        assert fast.sampler.solver.lambda_min_clipped == config.get("lambda_min_clipped", float("-inf"))
         assert fast.sampler.solver.order == config["solver_order"]
         assert fast.sampler.solver.solver_type == config["solver_type"]
     out = fast(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=6, output_type="np").images
@@ -97,6 +100,7 @@ def test_ddpm_pipeline_itself_with_dpm_solver(unet2d):
     (dict(_class_name="DPMSolverMultistepScheduler", final_sigmas_type="sigma_min"), "final_sigmas_type"),
     (dict(_class_name="UniPCMultistepScheduler", solver_type="bh3"), "solver_type"),
     (dict(_class_name="UniPCMultistepScheduler", predict_x0=False), "predict_x0"),
+    (dict(_class_name="UniPCMultistepScheduler", lambda_min_clipped=-5.1), "lambda_min_clipped"),
     (dict(_class_name="DDIMScheduler", timestep_spacing="trailing"), "leading"),
     (dict(_class_name="DDIMScheduler", set_alpha_to_one=False), "set_alpha_to_one"),
 ])

@@ -239,6 +239,41 @@ def test_training_loss_draws_t_and_eps_from_the_generator():
     assert loss.ndim == 0
 
 
+def test_min_snr_loss_weights_known_values():
+    """Hang et al.'s min(SNR, gamma) / SNR on Ho's linear schedule, by hand: SNR_0 = (1 - 1e-4) / 1e-4."""
+    schedule = NoiseSchedule.linear()
+    w = schedule.min_snr_weights(5.0)
+    assert w.dtype == torch.float64 and w.shape == (1000,)
+    torch.testing.assert_close(w[0], torch.tensor(5.0 / 9999.0, dtype=torch.float64), rtol=1e-12, atol=0)
+    snr = schedule.snr
+    assert (w[snr <= 5] == 1).all() and (w[snr > 5] < 1).all() and (snr > 5).any() and (snr <= 5).any()
+    # the crossing point: SNR falls through 5 once (ab = 5/6), between t = 35 and 36 for this schedule
+    ab = schedule.alphas_cumprod
+    first = int((snr <= 5).nonzero()[0])
+    assert ab[first] <= 5 / 6 < ab[first - 1]
+
+
+def test_training_loss_with_min_snr_weights_each_image():
+    schedule = NoiseSchedule.linear()
+    x0 = torch.rand(SHAPE, dtype=torch.float64) * 2 - 1
+
+    def model(x_t, t):
+        return 0.5 * x_t  # any eps model; its error differs per image
+
+    loss = R.training_loss(model, x0, schedule, generator=torch.Generator().manual_seed(4), snr_gamma=5.0)
+    g = torch.Generator().manual_seed(4)
+    t = torch.randint(0, 1000, (SHAPE[0],), generator=g)
+    eps = torch.randn(SHAPE, generator=g, dtype=torch.float64)
+    err = ((0.5 * R.q_sample(x0, t, eps, schedule) - eps) ** 2).mean(dim=(1, 2, 3))
+    ab = schedule.alphas_cumprod[t]
+    snr = ab / (1 - ab)
+    torch.testing.assert_close(loss, (err * torch.clamp(snr, max=5.0) / snr).mean())
+    # a gamma above every SNR weights nothing: Ho's loss
+    huge = R.training_loss(model, x0, schedule, generator=torch.Generator().manual_seed(4), snr_gamma=1e9)
+    plain = R.training_loss(model, x0, schedule, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(huge.double(), plain.double())
+
+
 # --- bad input ---------------------------------------------------------------------------------------
 
 S = NoiseSchedule.linear(10)

@@ -14,8 +14,8 @@ import torch
 
 from ddpm_fast import reference
 from ddpm_fast.schedule import NoiseSchedule
-from ddpm_fast.solvers import (C_H, K_H, K_LAST, K_M, K_X, MULTISTEP_SOLVERS, solver_orders, solver_spec,
-                               solver_table, solver_timesteps)
+from ddpm_fast.solvers import (C_H, K_H, K_LAST, K_M, K_X, MULTISTEP_SOLVERS, clipped_last_timestep, solver_orders,
+                               solver_spec, solver_table, solver_timesteps, spec_timesteps)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -49,7 +49,7 @@ def _compare(cls, config, spec, n, shape=(2, 3, 5, 7)):
     scheduler = cls(**config)
     scheduler.set_timesteps(n)
     steps = [int(t) for t in scheduler.timesteps]
-    assert steps == solver_timesteps(1000, n, spec.timestep_spacing, spec.steps_offset)
+    assert steps == spec_timesteps(_schedule_of(scheduler), n, spec)
     gen = torch.Generator().manual_seed(n)
     x_T = torch.randn(shape, generator=gen, dtype=torch.float64)
     noises = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in steps] if spec.sde else None
@@ -57,7 +57,7 @@ def _compare(cls, config, spec, n, shape=(2, 3, 5, 7)):
     ours = reference.solver_sample(toy_model, _schedule_of(scheduler), x_T, spec, n, noise_fn=noise_fn,
                                    trajectory=True)
     theirs = _diffusers_path(scheduler, x_T, noises)
-    assert len(ours) == len(theirs) == n
+    assert len(ours) == len(theirs) == len(steps)  # n, but for trailing spacing with lambda_min_clipped
     if spec.name == "unipc" and spec.solver_type == "bh1" and not torch.isfinite(theirs[-1]).all():
         # diffusers 0.42's bh1 ends in NaN with final sigma zero: B(h) = -h = -inf times a zero residual
         # (order 1 has no differences). The limit is the last x0 prediction, which our last step returns.
@@ -99,6 +99,50 @@ def test_timestep_spacings_match_diffusers(cls, name, spacing, offset):
     config = dict(solver_order=3, timestep_spacing=spacing, steps_offset=offset)
     spec = solver_spec(name, order=3, timestep_spacing=spacing, steps_offset=offset)
     assert _compare(cls, config, spec, 7, shape=(1, 1, 3, 3)) < BOUND
+
+
+@pytest.mark.parametrize("clip", [-5.1, -4.0, -2.5])
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("beta_schedule", ["squaredcos_cap_v2", "linear"])
+def test_lambda_min_clipped_matches_diffusers(clip, spacing, beta_schedule):
+    """DPMSolverMultistepScheduler(lambda_min_clipped=...): the same shortened range of timesteps and the
+    same path, on the cosine schedule (where diffusers recommends it) and the linear one."""
+    config = dict(lambda_min_clipped=clip, timestep_spacing=spacing, beta_schedule=beta_schedule)
+    spec = solver_spec("dpmpp-2m", lambda_min_clipped=clip, timestep_spacing=spacing)
+    assert _compare(DPM, config, spec, 10, shape=(1, 2, 3, 3)) < BOUND
+    scheduler = DPM(**config)
+    scheduler.set_timesteps(10)
+    # the range is shorter where some lambda lies below the clip (the linear schedule's lowest is -5.06;
+    # leading spacing may still start at the same multiple; trailing visits fewer steps, as diffusers)
+    assert clipped_last_timestep(_schedule_of(scheduler), clip) < 1000 or clip < -5.06
+    assert int(scheduler.timesteps[0]) <= solver_timesteps(1000, 10, spacing)[0]
+
+
+def test_lambda_min_clipped_counts_the_timesteps_below_it():
+    schedule = NoiseSchedule.cosine(1000)
+    ab = schedule.alphas_cumprod
+    lam = 0.5 * (ab.log() - (1 - ab).log())
+    for clip in (-5.1, -4.0, 0.0, 3.0):
+        # every timestep at or after the returned end has lambda below the clip, none before it
+        last = clipped_last_timestep(schedule, clip)
+        assert (lam[last:] < clip).all() and (lam[:last] >= clip).all()
+    assert clipped_last_timestep(schedule, float("-inf")) == 1000
+    with pytest.raises(ValueError, match="above every timestep"):
+        clipped_last_timestep(schedule, 100.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "x", True])
+def test_lambda_min_clipped_is_checked(bad):
+    with pytest.raises(ValueError, match="lambda_min_clipped must be"):
+        solver_spec("dpmpp-2m", lambda_min_clipped=bad)
+
+
+@pytest.mark.parametrize("name", ["unipc", "ddim", "ddpm"])
+def test_lambda_min_clipped_is_dpmpp_only(name):
+    with pytest.raises(ValueError, match="applies to the DPM-Solver\\+\\+ solvers"):
+        solver_spec(name, lambda_min_clipped=-5.1)
+    assert solver_spec("dpmpp-3m", lambda_min_clipped=-5).as_dict()["lambda_min_clipped"] == -5.0
+    assert "lambda_min_clipped" not in solver_spec("dpmpp-3m").as_dict()
 
 
 def test_other_options_match_diffusers():

@@ -53,6 +53,33 @@ def test_fast_loss_equals_reference_q_sample_and_mse(tmp_path, batch_size, step)
     torch.testing.assert_close(loss, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_min_snr_loss_weights_each_images_error(tmp_path, schedule):
+    """snr_gamma: the same t, eps and model input as the plain loss; each image's mean squared error
+    weighted by the oracle's min(SNR, gamma) / SNR (float64 weights rounded to float32 once)."""
+    trainer = Trainer(_config(tmp_path, batch_size=7, snr_gamma=5.0, schedule=schedule))
+    x0 = torch.rand(7, 1, 8, 8) * 2 - 1
+    seen = {}
+    hook = trainer.model.register_forward_hook(lambda module, args, out: seen.update(x_t=args[0].detach().clone()))
+    loss = trainer.loss_on_batch(x0, 3)
+    hook.remove()
+    t = trainer.timesteps_at(3, 7)
+    eps = ops.seeded_noise(trainer.noise_seeds(7), 3, (1, 8, 8))
+    with torch.no_grad():
+        err = (trainer.model(seen["x_t"], t).double() - eps.double()).square().mean(dim=(1, 2, 3))
+    snr = trainer.schedule.snr[t]
+    expected = (err * snr.clamp(max=5.0) / snr).mean()
+    # float32 arithmetic on 7 images of 64 pixels against float64: a few ulps of the loss
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
+    assert trainer.run_config()["train"]["snr_gamma"] == 5.0
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "5"])
+def test_snr_gamma_is_checked(tmp_path, bad):
+    with pytest.raises(ValueError, match="snr_gamma must be a positive number"):
+        _config(tmp_path, snr_gamma=bad).resolved()
+
+
 def test_noise_and_timesteps_are_keyed_by_seed_and_step(tmp_path):
     a = Trainer(_config(tmp_path, seed=1))
     b = Trainer(_config(tmp_path, seed=2))
