@@ -49,6 +49,12 @@ def _add_train(sub) -> None:
     p.add_argument("--lr", type=positive_float, help="Adam learning rate (cifar10: 2e-4, digits: 1e-3)")
     p.add_argument("--warmup", type=nonnegative_int, help="linear lr warmup steps")
     p.add_argument("--ema-decay", type=float, help="EMA decay (cifar10: 0.9999, digits: 0.999)")
+    p.add_argument("--schedule", choices=["linear", "cosine"],
+                   help="noise schedule: linear (Ho et al., the default) or cosine (Nichol & Dhariwal; the quick demo's)")
+    p.add_argument("--lr-decay", choices=["none", "cosine"], help="after the warmup: constant (none, the default) "
+                                                                  "or half a cosine down to 0 at --steps")
+    p.add_argument("--snr-gamma", type=positive_float,
+                   help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's); default: none")
     p.add_argument("--save-every", type=nonnegative_int, help="checkpoint every N steps (and at the end)")
     p.add_argument("--sample-every", type=nonnegative_int, help="write a sample grid every N steps (0: off)")
     p.add_argument("--seed", type=nonnegative_int, default=0)
@@ -80,6 +86,8 @@ def _run_train(args) -> int:
     config = TrainConfig(data=args.data, image_size=args.image_size, channels=args.channels, out=args.out,
                          preset=args.preset, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
+                         schedule=args.schedule or "linear", lr_decay=args.lr_decay or "none",
+                         snr_gamma=args.snr_gamma,
                          save_every=args.save_every, sample_every=args.sample_every, seed=args.seed,
                          device=args.device, compile=args.compile, resume=args.resume, progress=args.progress,
                          unet=unet, fid_every=args.fid_every or 0, fid_ref=args.fid_ref,

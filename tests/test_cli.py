@@ -106,9 +106,9 @@ def test_demo_at_a_tiny_size(tmp_path, capsys):
     assert png.size[0] >= 8 * 8 * 10  # 10 digits per row, upscaled 8x
     with np.load(out / "samples.npz") as data:
         assert data["arr_0"].shape == (12, 8, 8, 1)
-    assert (out / "run" / "checkpoints" / "latest").is_file()
+    assert (out / "run-quick" / "checkpoints" / "latest").is_file()
     # the kept run samples through the normal command
-    assert main(["sample", str(out / "run"), "--out", str(tmp_path / "more"), "--seeds", "0-1", "--steps", "2",
+    assert main(["sample", str(out / "run-quick"), "--out", str(tmp_path / "more"), "--seeds", "0-1", "--steps", "2",
                  *CPU]) == 0
     # a second demo reuses the finished run instead of failing on it
     assert main(argv) == 0

@@ -90,3 +90,17 @@ def test_demo_quick_by_default_full_and_seed_at_a_tiny_size(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "full recipe" in printed and "2 of T DDPM steps" in printed and (out / "run-full" / "config.json").is_file()
     assert json.loads((out / "run-full" / "config.json").read_text())["train"]["seed"] == 0
+
+
+def test_train_cli_takes_the_recipe_options(tmp_path):
+    """The quick recipe's training options from the command line: --schedule, --lr-decay, --snr-gamma reach
+    config.json, and a resume without them keeps them."""
+    out = tmp_path / "run"
+    base = ["train", "--data", "digits", "--out", str(out), "--preset", "tiny", "--batch-size", "8",
+            "--save-every", "2", "--no-progress", "--unet-channels", "8,16", *CPU]
+    assert main([*base, "--steps", "2", "--schedule", "cosine", "--lr-decay", "cosine", "--snr-gamma", "5"]) == 0
+    train_cfg = json.loads((out / "config.json").read_text())["train"]
+    assert (train_cfg["schedule"], train_cfg["lr_decay"], train_cfg["snr_gamma"]) == ("cosine", "cosine", 5.0)
+    assert main([*base, "--steps", "3", "--resume"]) == 0
+    train_cfg = json.loads((out / "config.json").read_text())["train"]
+    assert (train_cfg["schedule"], train_cfg["snr_gamma"], train_cfg["steps"]) == ("cosine", 5.0, 3)
