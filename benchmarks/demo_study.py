@@ -30,7 +30,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from ddpm_fast.telemetry import cpu_model_name
 
 SAMPLE_SEEDS = range(400)  # the demo's 400 digits
 # name -> (solver, steps): the few-step samplers scored at every evaluation (the solvers do not clip x0)
@@ -283,16 +284,6 @@ def calibrate(names: list[str], out: Path, steps: int = 8, rounds: int = 3) -> d
 
 # -------------------------------------------------------------------------------------------------
 # report
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def collect(out: Path) -> list[dict]:
@@ -561,7 +552,7 @@ def report(runs_dir: Path, out: Path, speedup: float, fixed_cpu_s: float, highli
         measured.append({"label": "measured: " + path.stem.replace("demo-wall-", "").rsplit("-2026", 1)[0]
                          + f" (n={len(wall['runs'])})", "wall_s": wall["wall_s"]["mean"], "fd": wall["fd"]["mean"],
                          "file": path.name})
-    meta = {"measured": measured, "cpu": _cpu_name(), "torch": torch.__version__, "floor": floor, "today_fd": today,
+    meta = {"measured": measured, "cpu": cpu_model_name(), "torch": torch.__version__, "floor": floor, "today_fd": today,
             "speedup": speedup, "fixed_cpu_s": fixed_cpu_s,
             "speedups": ", ".join(f"{speedup_at(b):.2f} at batch {b}" for b in (32, 64, 128)),
             "calibration": json.loads(cal_path.read_text()) if cal_path.is_file() else None,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -23,15 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from ddpm_fast.telemetry import cpu_model_name
 
 
 def one_demo(exe: str, seed: int, extra: list[str], root: Path) -> dict:
@@ -71,7 +62,7 @@ def main(argv=None) -> int:
     walls, fds = [r["wall_s"] for r in runs], [r["fd"] for r in runs]
     version = subprocess.run([args.ddpm_fast.replace("ddpm-fast", "python"), "-c",
                               "import torch; print(torch.__version__)"], capture_output=True, text=True)
-    result = {"label": args.label, "args": args.args, "cpu": cpu_name(), "cores": os.cpu_count(),
+    result = {"label": args.label, "args": args.args, "cpu": cpu_model_name(), "cores": os.cpu_count(),
               "torch": version.stdout.strip() or None, "python": sys.version.split()[0], "time": time.time(),
               "wall_s": {"mean": statistics.fmean(walls), "sd": statistics.stdev(walls) if len(walls) > 1 else None,
                          "min": min(walls), "max": max(walls)},
