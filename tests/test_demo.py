@@ -104,3 +104,44 @@ def test_train_cli_takes_the_recipe_options(tmp_path):
     assert main([*base, "--steps", "3", "--resume"]) == 0
     train_cfg = json.loads((out / "config.json").read_text())["train"]
     assert (train_cfg["schedule"], train_cfg["snr_gamma"], train_cfg["steps"]) == ("cosine", 5.0, 3)
+
+
+def _bench_script(name: str):
+    """A script of benchmarks/ as a module (benchmarks/ is no package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_sampler_labels_name_the_clipped_solver():
+    study = _bench_script("demo_study")
+    spec, steps = study._parse_sampler("dpmpp-2m-l3-20")
+    assert (spec.name, spec.lambda_min_clipped, steps) == ("dpmpp-2m", -3.0, 20)
+    assert study._parse_sampler("ddim-50") == ("ddim", 50)
+    assert study._parse_sampler("dpmpp-2m-20") == ("dpmpp-2m", 20)
+    quick = RECIPES["quick"]  # the study's label for the demo's sampler is the demo's sampler
+    label = f"{quick.solver}-l{-quick.solver_options['lambda_min_clipped']:g}-{quick.sample_steps}"
+    assert label in study.MAIN_SAMPLERS
+
+
+def test_demo_wall_times_a_whole_demo_and_reads_its_report(tmp_path):
+    """demo_wall.py runs the executable it is given as a user would and keeps the FD and the time report."""
+    import sys
+
+    wall = _bench_script("demo_wall")
+    fake = tmp_path / "ddpm-fast"
+    fake.write_text(f"#!{sys.executable}\n" + '''import sys
+assert sys.argv[1:4] == ["demo", "--seed", "4"] and "--full" in sys.argv
+print("Frechet distance ...\\n  samples (this model)          8.25   (n=400)\\n")
+print("where the time went (cpu, 2 threads; recipe full: ...):")
+print("\\n".join(f"  line {i}" for i in range(8)))
+''')
+    fake.chmod(0o755)
+    run = wall.one_demo(str(fake), 4, ["--full"], tmp_path)
+    assert run["fd"] == 8.25 and run["wall_s"] > 0 and run["seed"] == 4
+    assert run["where_the_time_went"][0].startswith("where the time went (cpu") and len(run["where_the_time_went"]) == 9
