@@ -184,8 +184,8 @@ def _add_sample(sub) -> None:
                    help="how --steps picks timesteps for the multistep solvers (default linspace)")
     p.add_argument("--lambda-min-clipped", type=float, metavar="LAMBDA",
                    help="dpmpp-*: skip the noisiest timesteps whose log(alpha/sigma) is below LAMBDA "
-                        "(diffusers' option; -5.1 for the cosine schedule, the default for ddpm-fast runs "
-                        "trained with it; else -inf)")
+                        "(diffusers' option; default -inf, none skipped). Models trained on the cosine schedule "
+                        "need it: the demo uses -3; diffusers suggests -5.1")
     p.add_argument("--variance", choices=["fixed_large", "fixed_small"],
                    help="sigma^2 = beta (fixed_large, Ho; the default for ddpm-fast runs) or the posterior "
                         "variance (fixed_small)")
@@ -425,8 +425,8 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="train on the bundled digits, sample, and report quality and timings",
                        description="Train the digits U-Net on scikit-learn's bundled 8x8 digits (no download), "
                                    "sample 400 digits, write DIR/samples.png, keep the run at DIR/run-RECIPE and "
-                                   "print the quality figure and where the time went. About a minute and a half "
-                                   "on 2 CPU cores; --full takes the longer recipe (docs/demo_study.md).")
+                                   "print the quality figure and where the time went. About 70 s on 2 CPU cores "
+                                   "(README); --full takes the longer recipe (docs/demo_study.md).")
     p.add_argument("--out", default="ddpm_demo", help="output folder (default: ./ddpm_demo)")
     p.add_argument("--quick", dest="recipe", action="store_const", const="quick", default=DEFAULT_RECIPE,
                    help="the default recipe: a (24, 48, 48) U-Net, 1,500 steps at batch 64 on the cosine noise "

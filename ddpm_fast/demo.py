@@ -1,4 +1,4 @@
-"""``ddpm-fast demo``: the whole pipeline on data that ships with the install, in about a minute and a half on 2 CPU cores.
+"""``ddpm-fast demo``: the whole pipeline on data that ships with the install, in about 70 s on 2 CPU cores.
 
 1. train a digits U-Net on scikit-learn's 1,797 bundled 8x8 digits into ``DIR/run-RECIPE`` (a normal run
    folder: ``ddpm-fast sample DIR/run-quick ...`` works on it; running the demo again reuses or continues
@@ -112,8 +112,8 @@ def run_demo(out_dir="ddpm_demo", *, recipe: str = DEFAULT_RECIPE, steps: int | 
              seed: int = 0, device=None, compile: bool = False, progress: bool = True, echo=print) -> DemoResult:
     """Train, sample, write ``samples.png`` and report (see the module docstring).
 
-    recipe: "quick" (the default: about a minute and a half on 2 CPU cores) or "full" (the digits preset
-    with 250 DDPM steps, about three minutes; see :data:`RECIPES` and docs/demo_study.md).
+    recipe: "quick" (the default: about 70 s on 2 CPU cores) or "full" (the digits preset with 250 DDPM
+    steps, about 2.5 minutes; see :data:`RECIPES`, docs/demo_study.md and the README's measured figures).
     steps: training steps (default: the recipe's). num_samples: digits to sample (default 400; at least 2
     for the quality figure). sample_steps: sampler steps (default: the recipe's). preset: "digits" (or
     "tiny" for smoke tests). seed: the training seed (the samples are always seeds 0..num_samples-1).
