@@ -59,6 +59,20 @@ def test_fast_solvers_match_the_oracle(unet, name, options):
     assert_matches(out, ref)
 
 
+@pytest.mark.parametrize("name,clip", [("dpmpp-2m", -3.0), ("dpmpp-3m", -4.0)])
+def test_lambda_min_clipped_on_the_cosine_schedule_matches_the_oracle(unet, name, clip):
+    """The demo's sampler: the cosine schedule with the noisiest timesteps skipped; the fast path visits the
+    oracle's (diffusers') timesteps and matches its images."""
+    schedule = NoiseSchedule.cosine(1000)
+    seeds = [3, 11]
+    sampler = FastSampler(unet, schedule, solver=name, solver_options={"lambda_min_clipped": clip}, timesteps=7)
+    spec = solvers.solver_spec(name, lambda_min_clipped=clip)
+    assert sampler.timesteps == solvers.spec_timesteps(schedule, 7, spec)
+    assert sampler.timesteps[0] < solvers.solver_timesteps(1000, 7)[0]
+    out = sampler.sample(seeds=seeds, clamp=False)
+    assert_matches(out, oracle(unet, schedule, seeds, (3, 8, 8), sampler.solver, 7))
+
+
 @pytest.mark.parametrize("name", ["dpmpp-3m", "dpmpp-2m-sde", "unipc"])
 def test_seed_and_batch_size_invariance(unet, name):
     """Image i depends on seed i alone: batch size, position and neighbours do not change it."""
