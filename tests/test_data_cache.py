@@ -33,6 +33,7 @@ from ddpm_fast.data import batches as batches_module
 from ddpm_fast.data import cache as cache_module
 from ddpm_fast.data import decode as decode_module
 from ddpm_fast.errors import DataError
+from ddpm_fast.data.sources import array_file_dtype
 
 
 def _rand_uint8(shape, seed=0):
@@ -188,8 +189,24 @@ def test_arrays_cifar_and_float_sources(tmp_path):
                                               **kwargs))
         assert torch.equal(prepared.pixels, load_dataset(tmp_path / "x.npy", **kwargs).pixels)
     np.save(tmp_path / "f.npy", np.zeros((3, 1, 4, 4), np.float32))
+    np.savez_compressed(tmp_path / "f.npz", images=np.zeros((3, 4, 4, 1), np.float64), labels=np.arange(3))
+    # refused from the header: no lock, no temp folder, nothing under the cache root
+    for source, kwargs, dtype in (("f.npy", {}, "float32"), ("f.npz", {"array_key": "images"}, "float64")):
+        with pytest.raises(FloatSourceError, match=f"holds {dtype} images: prepared data is uint8, so it stays in memory"):
+            prepare_data(tmp_path / source, cache_root=tmp_path / "cache", progress=False, **kwargs)
+        assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*"))
+    with pytest.raises(DataError, match="has no array 'x'; its arrays are"):
+        prepare_data(tmp_path / "f.npz", array_key="x", cache_root=tmp_path / "cache", progress=False)
     with pytest.raises(FloatSourceError, match="stays in memory"):
         prepare_data(tmp_path / "f.npy", tmp_path / "pf", progress=False)
+    # the header probe agrees with the arrays (also for numpy's format 2.0 headers)
+    np.save(tmp_path / "u.npy", np.zeros((2, 3, 3, 1), np.uint8))
+    assert array_file_dtype(tmp_path / "u.npy")[0] == np.uint8
+    assert array_file_dtype(tmp_path / "f.npz", "images") == (np.dtype("float64"), f"array 'images' in {tmp_path / 'f.npz'}")
+    with open(tmp_path / "v2.npy", "wb") as f:
+        np.lib.format.write_array(f, np.zeros((2, 2), np.float16), version=(2, 0))
+    np.savez(tmp_path / "v2.npz", arr_0=np.zeros((2, 2), np.int16))
+    assert array_file_dtype(tmp_path / "v2.npy")[0] == np.float16 and array_file_dtype(tmp_path / "v2.npz")[0] == np.int16
     import pickle
 
     cifar = tmp_path / "cifar"

@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoint import write_json_atomic
 from ..errors import DataError
 from .convert import array_to_nchw, check_channels_arg, check_image_size_arg, convert_channels, resize_nchw
 from .dataset import ImageDataset
 from .decode import decode_images, list_image_files
 from .prepared import FORMAT, IMAGES_FILE, LABELS_FILE, META_FILE, VERSION, is_prepared, open_prepared, read_meta
-from .sources import SOURCES_HINT, find_cifar_folder, read_array_file, read_cifar
+from .sources import SOURCES_HINT, array_file_dtype, find_cifar_folder, read_array_file, read_cifar
 
 __all__ = ["prepare_data", "cached_dataset", "default_cache_root", "cache_path_for", "source_fingerprint",
            "FloatSourceError", "CACHE_ENV"]
@@ -138,14 +139,18 @@ def _allocate(images_path: Path, shape) -> Path:
     return images_path
 
 
+def _float_source(name: str, dtype) -> FloatSourceError:
+    return FloatSourceError(f"{name} holds {dtype} images: prepared data is uint8, so it stays in memory (pass it "
+                            "to train directly; prepare-data takes 8-bit sources)")
+
+
 def _write_array_source(x_source, name: str, out: Path, image_size, channels, labels=None):
     """uint8 images (a NumPy NHWC array, possibly memory-mapped, or a torch NCHW tensor) converted chunk by
     chunk into out/images.npy. Returns (labels, shape)."""
     is_tensor = isinstance(x_source, torch.Tensor)
     if not is_tensor:
         if x_source.dtype != np.uint8:
-            raise FloatSourceError(f"{name} holds {x_source.dtype} images: prepared data is uint8, so it stays "
-                                   "in memory (pass it to train directly; prepare-data takes 8-bit sources)")
+            raise _float_source(name, x_source.dtype)
         first = array_to_nchw(np.array(x_source[:1]), name, (-1.0, 1.0), numpy_layout=True)
     else:
         first = x_source[:1]
@@ -214,14 +219,12 @@ def _build(path: Path, out: Path, options: dict, fingerprint: str, workers, prog
                                                    "class_names": class_names,
                                                    "num_classes": int(labels.max()) + 1 if len(labels) else 0},
             "sha256": _content_hash(out, labels), "created": time.time()}
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
     for name in (IMAGES_FILE, LABELS_FILE):  # the data on disk before meta.json says it is there
         if (out / name).exists():
             fd = os.open(out / name, os.O_RDONLY)
             os.fsync(fd)
             os.close(fd)
-    os.replace(tmp, out / META_FILE)
+    write_json_atomic(out / META_FILE, meta)
 
 
 @contextmanager
@@ -271,6 +274,11 @@ def prepare_data(source, out=None, *, image_size: int | None = None, channels: i
             else Path(out).expanduser().resolve())
     if dest.exists() and not is_prepared(dest) and (not dest.is_dir() or any(dest.iterdir())):
         raise DataError(f"{dest} exists and is not a prepared-data folder: choose another --out")
+    if path.is_file() and path.suffix.lower() in (".npy", ".npz"):
+        # float images are refused from the header, before the lock, the temp folder or reading the data
+        dtype, name = array_file_dtype(path, options["array_key"])
+        if dtype != np.uint8:
+            raise _float_source(name, dtype)
     # the fingerprint walk (one stat per source file) and the check run before the lock: the ranks of a job
     # that find the cache current then start side by side instead of queueing behind each other's walks
     fingerprint = source_fingerprint(path)

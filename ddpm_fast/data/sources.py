@@ -156,31 +156,56 @@ def _load_cifar(folder: Path, split: str, image_size, channels, flip) -> ImageDa
     return _finish(x, image_size=image_size, channels=channels, flip=flip, labels=labels, source=source)
 
 
-def read_array_file(path: Path, array_key=None, *, mmap: bool = False) -> tuple[np.ndarray, str]:
-    """The image array in a ``.npy`` (memory-mapped with ``mmap``) or ``.npz`` file, and a name for messages."""
+def _open_array_file(path: Path, mmap: bool):
     try:
-        loaded = np.load(path, allow_pickle=False, mmap_mode="r" if mmap and path.suffix.lower() == ".npy" else None)
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap and path.suffix.lower() == ".npy" else None)
     except Exception as exc:
         raise DataError(f"cannot read array file {path}: {exc}; save it with np.save / np.savez") from None
+
+
+def _npz_key(path: Path, keys: list[str], array_key) -> str:
+    """Which array of an ``.npz`` holds the images: ``array_key``, the only one, else ``arr_0``."""
+    if array_key is not None:
+        if array_key not in keys:
+            raise DataError(f"{path} has no array {array_key!r}; its arrays are {keys}")
+        return array_key
+    if len(keys) == 1:
+        return keys[0]
+    if "arr_0" in keys:
+        return "arr_0"
+    raise DataError(f"{path} holds several arrays {keys} and none is 'arr_0': pass array_key=<name>")
+
+
+def read_array_file(path: Path, array_key=None, *, mmap: bool = False) -> tuple[np.ndarray, str]:
+    """The image array in a ``.npy`` (memory-mapped with ``mmap``) or ``.npz`` file, and a name for messages."""
+    loaded = _open_array_file(path, mmap)
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
-            keys = list(loaded.keys())
-            if array_key is not None:
-                if array_key not in keys:
-                    raise DataError(f"{path} has no array {array_key!r}; its arrays are {keys}")
-                key = array_key
-            elif len(keys) == 1:
-                key = keys[0]
-            elif "arr_0" in keys:
-                key = "arr_0"
-            else:
-                raise DataError(f"{path} holds several arrays {keys} and none is 'arr_0': pass array_key=<name>")
+            key = _npz_key(path, list(loaded.keys()), array_key)
             try:
                 arr = loaded[key]
             except Exception as exc:
                 raise DataError(f"cannot read array {key!r} from {path}: {exc}") from None
         return arr, f"array {key!r} in {path}"
     return loaded, f"array file {path}"
+
+
+def array_file_dtype(path: Path, array_key=None) -> tuple[np.dtype, str]:
+    """The dtype of the image array in a ``.npy`` or ``.npz`` file, from its header only (an ``.npz`` member
+    is not decompressed), and a name for messages. Raises DataError as :func:`read_array_file`."""
+    loaded = _open_array_file(path, mmap=True)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        return loaded.dtype, f"array file {path}"
+    with loaded:
+        key = _npz_key(path, list(loaded.keys()), array_key)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        try:
+            with loaded.zip.open(key + ".npy") as member:
+                reader = readers.get(np.lib.format.read_magic(member))
+                dtype = reader(member)[2] if reader else loaded[key].dtype  # format 3.0 (rare): read it whole
+        except Exception as exc:
+            raise DataError(f"cannot read array {key!r} from {path}: {exc}") from None
+    return np.dtype(dtype), f"array {key!r} in {path}"
 
 
 def _load_array_file(path: Path, array_key, value_range, image_size, channels, flip) -> ImageDataset:
