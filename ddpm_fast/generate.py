@@ -613,16 +613,17 @@ class _SamplingRun:
                         self.stopped_by = stop.signal_name or "another process's signal"
                         break
                     t0 = time.perf_counter()
-                    mine = r * group.world_size + group.rank
-                    chunk = missing[mine] if mine < len(missing) else None
-                    positions = list(self.chunk(chunk)) if chunk is not None else []
+                    # every rank knows every rank's chunk of this round: rank j takes missing[r * world + j]
+                    every = [(c, list(self.chunk(c)) if c is not None else [])
+                             for c in (missing[i] if i < len(missing) else None
+                                       for i in range(r * group.world_size, (r + 1) * group.world_size))]
+                    chunk, positions = every[group.rank]
                     pixels = np.zeros((0, *spool_shape(self.model)), np.uint8)
                     if positions:
                         chunk_seeds = [self.seeds[i] for i in positions]
                         pixels = to_uint8_nhwc(self.sample(chunk_seeds))
                         if self.png_per_image:  # before the gather: a chunk is recorded only once its PNGs exist
                             save_pngs(pixels, self.out_dir / "images", names=_png_names(chunk_seeds))
-                    every = group.all_objects((chunk, positions))
                     rows = group.gather_rows(torch.from_numpy(pixels), [len(p) for _, p in every], to_all=False)
                     self.sampling_seconds += time.perf_counter() - t0
                     finished = [c for c, _ in every if c is not None]

@@ -112,10 +112,6 @@ class Progress:
         return sum(len(chunk_positions(self.num_images, self.batch_size, c))
                    for c in (self.done if done is None else done))
 
-    def missing(self) -> list[int]:
-        """The chunks still to sample, in order."""
-        return [c for c in range(self.num_chunks) if c not in self.done]
-
     # -- files ----------------------------------------------------------------------------------
 
     @classmethod
