@@ -430,11 +430,11 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", default="ddpm_demo", help="output folder (default: ./ddpm_demo)")
     p.add_argument("--quick", dest="recipe", action="store_const", const="quick", default=DEFAULT_RECIPE,
                    help="the default recipe: a (24, 48, 48) U-Net, 1,500 steps at batch 64 on the cosine noise "
-                        "schedule, 20 DPM-Solver++ steps, into DIR/run-quick (FD 8.8 +- 0.8 over six training "
+                        "schedule, 20 DPM-Solver++ steps, into DIR/run-quick (FD 9.4 +- 1.1 over nine training "
                         "seeds; docs/demo_study.md)")
     p.add_argument("--full", dest="recipe", action="store_const", const="full",
                    help="the digits preset (1,500 steps at batch 128) and 250 of the 1,000 DDPM steps, into "
-                        "DIR/run-full: about 2.5x the time, FD 9.1 +- 1.7 over the same seeds")
+                        "DIR/run-full: about 2.2x the time, FD 10.0 +- 2.0 over the same seeds")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="training seed (default 0)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--compile", action="store_true",

@@ -61,8 +61,8 @@ class DemoRecipe:
 
 RECIPES: dict[str, DemoRecipe] = {
     # picked by benchmarks/demo_study.py (docs/demo_study.md) as the recipe whose demo fits 90 s on 2 cores
-    # with the best FD: 8.83 +- 0.82 over training seeds 0-5 (picked on seeds 0-2, confirmed on 3-5) against
-    # the full recipe's 9.10 +- 1.73 on the same seeds. Per CPU second the narrower U-Net beat the preset's
+    # with the best FD: 9.42 +- 1.13 over training seeds 0-8 (picked on seeds 0-2, confirmed on 3-8) against
+    # the full recipe's 10.00 +- 1.96 on the same seeds. Per CPU second the narrower U-Net beat the preset's
     # (32, 64, 64), batch 64 beat 32 and 128, the cosine noise schedule beat the linear one; a doubled lr,
     # min-SNR-5 loss weighting, a cosine lr decay and longer EMAs did not pay. DPM-Solver++ needs
     # lambda_min_clipped on this schedule (unclipped FD ~176); -3 was best of -2 .. -5.1 on three weights.
