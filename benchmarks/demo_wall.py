@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,10 @@ def one_demo(exe: str, seed: int, extra: list[str], root: Path) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{shlex.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
-    fd = float(re.search(r"samples \(this model\)\s+([0-9.]+)", proc.stdout).group(1))
+    found = re.search(r"samples \(this model\)\s+([0-9.]+)", proc.stdout)
+    if found is None or "where the time went" not in proc.stdout:
+        raise SystemExit(f"{shlex.join(cmd)} printed no quality table or time report: is it ddpm-fast demo?")
+    fd = float(found.group(1))
     where = proc.stdout.split("where the time went", 1)[1].splitlines()
     return {"seed": seed, "wall_s": wall, "fd": fd, "command": shlex.join(cmd), "load_before": load_before,
             "load_after": os.getloadavg(), "where_the_time_went": ["where the time went" + where[0], *where[1:9]]}
@@ -60,10 +64,12 @@ def main(argv=None) -> int:
             print(f"seed {seed}: {run['wall_s']:.1f} s, FD {run['fd']:.2f}", flush=True)
             runs.append(run)
     walls, fds = [r["wall_s"] for r in runs], [r["fd"] for r in runs]
-    version = subprocess.run([args.ddpm_fast.replace("ddpm-fast", "python"), "-c",
-                              "import torch; print(torch.__version__)"], capture_output=True, text=True)
+    exe = shutil.which(args.ddpm_fast)  # the python beside the executable is the environment being timed
+    python = Path(exe).with_name("python") if exe else None
+    version = (subprocess.run([str(python), "-c", "import torch; print(torch.__version__)"], capture_output=True,
+                              text=True) if python and python.exists() else None)
     result = {"label": args.label, "args": args.args, "cpu": cpu_model_name(), "cores": os.cpu_count(),
-              "torch": version.stdout.strip() or None, "python": sys.version.split()[0], "time": time.time(),
+              "torch": (version.stdout.strip() or None) if version else None, "python": sys.version.split()[0], "time": time.time(),
               "wall_s": {"mean": statistics.fmean(walls), "sd": statistics.stdev(walls) if len(walls) > 1 else None,
                          "min": min(walls), "max": max(walls)},
               "fd": {"mean": statistics.fmean(fds), "sd": statistics.stdev(fds) if len(fds) > 1 else None,

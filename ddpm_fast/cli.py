@@ -51,8 +51,9 @@ def _add_train(sub) -> None:
     p.add_argument("--ema-decay", type=float, help="EMA decay (cifar10: 0.9999, digits: 0.999)")
     p.add_argument("--schedule", choices=["linear", "cosine"],
                    help="noise schedule: linear (Ho et al., the default) or cosine (Nichol & Dhariwal; the quick demo's)")
-    p.add_argument("--lr-decay", choices=["none", "cosine"], help="after the warmup: constant (none, the default) "
-                                                                  "or half a cosine down to 0 at --steps")
+    p.add_argument("--lr-decay", choices=["none", "cosine"],
+                   help="after the warmup: constant (none, the default) or half a cosine down to 0 at --steps "
+                        "(a resume with another --steps reshapes the rest of the decay)")
     p.add_argument("--snr-gamma", type=positive_float,
                    help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's); default: none")
     p.add_argument("--save-every", type=nonnegative_int, help="checkpoint every N steps (and at the end)")
@@ -184,8 +185,8 @@ def _add_sample(sub) -> None:
                    help="how --steps picks timesteps for the multistep solvers (default linspace)")
     p.add_argument("--lambda-min-clipped", type=float, metavar="LAMBDA",
                    help="dpmpp-*: skip the noisiest timesteps whose log(alpha/sigma) is below LAMBDA "
-                        "(diffusers' option; default -inf, none skipped). Models trained on the cosine schedule "
-                        "need it: the demo uses -3; diffusers suggests -5.1")
+                        "(diffusers' option; default -inf, none skipped; write --lambda-min-clipped=-inf for it). "
+                        "Models trained on the cosine schedule need it: the demo uses -3; diffusers suggests -5.1")
     p.add_argument("--variance", choices=["fixed_large", "fixed_small"],
                    help="sigma^2 = beta (fixed_large, Ho; the default for ddpm-fast runs) or the posterior "
                         "variance (fixed_small)")

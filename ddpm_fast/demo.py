@@ -20,6 +20,7 @@ training seeds the pick was not made on.
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,9 +52,10 @@ class DemoRecipe:
     clip_x0: bool = True
     about: str = ""
 
-    def sample_flags(self) -> str:
-        """The ``ddpm-fast sample`` options that sample as this recipe does."""
-        flags = f"--solver {self.solver} --steps {self.sample_steps}"
+    def sample_flags(self, steps: int | None = None) -> str:
+        """The ``ddpm-fast sample`` options that sample as this recipe does (with ``steps`` sampler steps:
+        None = the recipe's)."""
+        flags = f"--solver {self.solver} --steps {self.sample_steps if steps is None else steps}"
         if "lambda_min_clipped" in self.solver_options:
             flags += f" --lambda-min-clipped {self.solver_options['lambda_min_clipped']:g}"
         return flags  # the clipping is the sample command's default for each solver, as here
@@ -198,7 +200,7 @@ def run_demo(out_dir="ddpm_demo", *, recipe: str = DEFAULT_RECIPE, steps: int | 
     echo(f"  writing files                     {files_seconds:6.1f} s")
     echo(f"  total                             {total:6.1f} s" + ("" if startup is not None else " (after start-up)"))
     echo(f"wrote {samples_png} ({min(DEMO_GRID, num_samples)} digits, {DEMO_SCALE}x) and {npz}; "
-         f"the run is at {run_dir} (try: ddpm-fast sample {run_dir} --out {out_dir / 'more'} --seeds 0-63 "
-         f"{spec.sample_flags()})")
+         f"the run is at {run_dir} (try: ddpm-fast sample {shlex.quote(str(run_dir))} --out "
+         f"{shlex.quote(str(out_dir / 'more'))} --seeds 0-63 {spec.sample_flags(sample_steps)})")
     return DemoResult(out_dir, run_dir, samples_png, npz, quality, run.train_seconds, run.images_per_second,
                       sample_seconds, total, run.step, recipe, timings)

@@ -456,7 +456,8 @@ def sample_to_folder(source, out_dir, seeds, *, steps=None, variance: str | None
     from .integrity import file_sha256, recorded_sha256
 
     if solver_options and solver is None:
-        raise ValueError("solver options (order, type, corrector, spacing) need a solver: pass --solver too")
+        raise ValueError("solver options (order, type, corrector, spacing, lambda_min_clipped) need a solver: pass "
+                         "--solver too")
     out_dir = Path(out_dir)
     state = sp.inspect_folder(out_dir, RUN_FILE)
     if resume and state.kind == "finished":  # nothing to load, nothing to rewrite

@@ -169,7 +169,7 @@ def training_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, generator: t
     Draws t ~ U{0..T-1} and eps ~ N(0, I) (from ``generator`` if given, on the generator's device),
     forms x_t with :func:`q_sample` and returns mean((eps - model(x_t, t))^2). With ``snr_gamma`` (min-SNR
     weighting, Hang et al. 2023, eq. for eps-prediction) image b's mean squared error is weighted by
-    min(SNR_t, gamma) / SNR_t, SNR_t = ab_t / (1 - ab_t), before the mean over the batch.
+    min(SNR_t, gamma) / SNR_t, SNR_t = ab_t / (1 - ab_t), before the mean over the batch (in float64).
     x0: (B, C, H, W) float in [-1, 1]. model: callable (x_t, t int64 (B,)) -> eps (B, C, H, W).
     """
     check_image_batch(x0, "x0")
@@ -181,6 +181,8 @@ def training_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, generator: t
     eps_pred = model(x_t, t)
     if snr_gamma is None:
         return F.mse_loss(eps_pred.float(), eps.float())
+    if not snr_gamma > 0:
+        raise ValueError(f"snr_gamma must be > 0 (5 in Hang et al.), got {snr_gamma!r}")
     ab = schedule.alphas_cumprod.to(x0.device)[t]
     snr = ab / (1 - ab)
     weight = torch.minimum(snr, torch.full_like(snr, snr_gamma)) / snr

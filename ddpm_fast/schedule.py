@@ -163,6 +163,8 @@ class NoiseSchedule:
     def min_snr_weights(self, gamma: float) -> torch.Tensor:
         """Min-SNR-gamma loss weights of an eps-prediction loss (Hang et al. 2023): min(SNR_t, gamma) / SNR_t,
         (T,) float64 in (0, 1]: 1 where the noise dominates (SNR <= gamma), gamma / SNR_t on the clean end."""
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (gamma > 0 and math.isfinite(gamma)):
+            raise ValueError(f"the min-SNR gamma must be a positive number (5 in Hang et al.), got {gamma!r}")
         snr = self.snr
         return snr.clamp(max=gamma) / snr
 

@@ -155,7 +155,7 @@ def _check(spec: SolverSpec) -> SolverSpec:
         raise ValueError(f"lambda_min_clipped must be a number or -inf, got {clip!r}")
     if clip != -math.inf and not spec.name.startswith("dpmpp"):
         raise ValueError(f"lambda_min_clipped applies to the DPM-Solver++ solvers (dpmpp-*), not {spec.name!r} "
-                         "(as in diffusers, where only DPMSolverMultistepScheduler has it)")
+                         "(as in diffusers, whose UniPC, DDIM and DDPM schedulers have no such option)")
     spec = replace(spec, lambda_min_clipped=float(clip))
     if not spec.multistep and (spec.order or spec.solver_type or spec.disable_corrector
                                or spec.timestep_spacing != "linspace" or spec.steps_offset
@@ -211,19 +211,26 @@ def solver_timesteps(num_timesteps: int, n: int, spacing: str = "linspace", step
     else:
         raise ValueError(f"timestep_spacing {spacing!r} is not supported: use {', '.join(SPACINGS)}")
     steps = [int(s) for s in steps]
-    if any(a <= b for a, b in zip(steps, steps[1:])) or steps[0] >= T or steps[-1] < 0:
+    if not steps or any(a <= b for a, b in zip(steps, steps[1:])) or steps[0] >= T or steps[-1] < 0:
+        clipped = (" (where lambda_min_clipped ends the range): use fewer steps, another spacing or a lower "
+                   "lambda_min_clipped") if L < T else ": use fewer steps or another spacing"
         raise ValueError(f"{n} steps with {spacing} spacing (offset {steps_offset}) do not give distinct "
-                         f"timesteps in 0..{T - 1}: use fewer steps or another spacing")
+                         f"timesteps in 0..{L - 1}{clipped}")
     return steps
 
 
 def clipped_last_timestep(schedule: NoiseSchedule, lambda_min_clipped: float) -> int:
     """Where DPMSolverMultistepScheduler.set_timesteps ends its range: T minus the number of timesteps
-    whose lambda_t = log(alpha_t) - log(sigma_t) (float32, as diffusers computes it) is below the clip."""
+    whose lambda_t = log(alpha_t) - log(sigma_t) is below the clip.
+
+    As diffusers computes it: alpha-bar as a float32 cumulative product of float32 1 - beta (bit for bit
+    diffusers' for the cosine schedule; its linear betas come from a float32 linspace, ours are float64
+    rounded, so a clip within an ulp of one timestep's lambda may end the range one step apart there).
+    """
     T = schedule.num_timesteps
     if lambda_min_clipped == -math.inf:
         return T
-    ab = schedule.alphas_cumprod.float()
+    ab = torch.cumprod(1.0 - schedule.betas.float(), dim=0)
     lam = torch.log(ab.sqrt()) - torch.log((1 - ab).sqrt())
     below = int(torch.searchsorted(torch.flip(lam, [0]), torch.tensor(float(lambda_min_clipped))).item())
     if below >= T:

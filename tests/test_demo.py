@@ -80,7 +80,7 @@ def test_demo_quick_by_default_full_and_seed_at_a_tiny_size(tmp_path, capsys):
     assert "quick recipe" in printed and "2 dpmpp-2m steps" in printed and "where the time went" in printed
     assert json.loads((out / "run-quick" / "config.json").read_text())["train"]["seed"] == 3
     hint = printed.split("(try: ", 1)[1].rsplit(")", 1)[0]
-    assert "--lambda-min-clipped -3" in hint
+    assert "--lambda-min-clipped -3" in hint and "--steps 2 " in hint  # the steps this demo sampled with
     args = shlex.split(hint)[1:] + ["--device", "cpu"]
     args[args.index("--steps") + 1] = "3"
     assert main(args) == 0
@@ -144,4 +144,9 @@ print("\\n".join(f"  line {i}" for i in range(8)))
     fake.chmod(0o755)
     run = wall.one_demo(str(fake), 4, ["--full"], tmp_path)
     assert run["fd"] == 8.25 and run["wall_s"] > 0 and run["seed"] == 4
+    silent = tmp_path / "silent"
+    silent.write_text(f"#!{sys.executable}\nprint('hello')\n")
+    silent.chmod(0o755)
+    with pytest.raises(SystemExit, match="printed no quality table"):
+        wall.one_demo(str(silent), 4, ["--full"], tmp_path)
     assert run["where_the_time_went"][0].startswith("where the time went (cpu") and len(run["where_the_time_went"]) == 9

@@ -253,6 +253,15 @@ def test_min_snr_loss_weights_known_values():
     assert ab[first] <= 5 / 6 < ab[first - 1]
 
 
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])
+def test_min_snr_gamma_must_be_positive(bad):
+    with pytest.raises(ValueError, match="gamma must be"):
+        NoiseSchedule.linear().min_snr_weights(bad)
+    if bad == bad and bad != float("inf"):  # the oracle refuses what would weight by 0 or below
+        with pytest.raises(ValueError, match="snr_gamma must be > 0"):
+            R.training_loss(lambda x, t: x, torch.zeros(1, 1, 2, 2), NoiseSchedule.linear(), snr_gamma=bad)
+
+
 def test_training_loss_with_min_snr_weights_each_image():
     schedule = NoiseSchedule.linear()
     x0 = torch.rand(SHAPE, dtype=torch.float64) * 2 - 1

@@ -112,10 +112,33 @@ def test_lambda_min_clipped_matches_diffusers(clip, spacing, beta_schedule):
     assert _compare(DPM, config, spec, 10, shape=(1, 2, 3, 3)) < BOUND
     scheduler = DPM(**config)
     scheduler.set_timesteps(10)
-    # the range is shorter where some lambda lies below the clip (the linear schedule's lowest is -5.06;
-    # leading spacing may still start at the same multiple; trailing visits fewer steps, as diffusers)
-    assert clipped_last_timestep(_schedule_of(scheduler), clip) < 1000 or clip < -5.06
-    assert int(scheduler.timesteps[0]) <= solver_timesteps(1000, 10, spacing)[0]
+    # where the range ends: T minus the count of diffusers' own lambdas below the clip
+    below = int(torch.searchsorted(torch.flip(scheduler.lambda_t, [0]), torch.tensor(clip)))
+    assert clipped_last_timestep(_schedule_of(scheduler), clip) == 1000 - below
+    assert below > 0 or beta_schedule == "linear"  # the linear schedule's lowest lambda is -5.06
+
+
+@pytest.mark.parametrize("k", [0, 1, 68, 500, 937, 990, 998])
+def test_a_clip_exactly_at_a_timesteps_lambda_ends_where_diffusers_does(k):
+    """The clip equal to one timestep's float32 lambda: the range ends exactly where diffusers' does (its
+    alpha-bar is a float32 cumulative product; a float64 one ends a step early for most such clips)."""
+    scheduler = DPM(beta_schedule="squaredcos_cap_v2")
+    clip = float(scheduler.lambda_t[k])
+    config = dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=clip)
+    scheduler = DPM(**config)
+    scheduler.set_timesteps(5)
+    spec = solver_spec("dpmpp-2m", lambda_min_clipped=clip)
+    ours = spec_timesteps(NoiseSchedule.cosine(1000), 5, spec) if k >= 5 else None
+    if ours is not None:
+        assert ours == [int(t) for t in scheduler.timesteps]
+    assert clipped_last_timestep(NoiseSchedule.cosine(1000), clip) == k + 1
+
+
+def test_a_clip_that_leaves_too_few_timesteps_says_so():
+    last = clipped_last_timestep(NoiseSchedule.cosine(1000), 3.0)
+    assert 0 < last < 50
+    with pytest.raises(ValueError, match=rf"in 0\.\.{last - 1} \(where lambda_min_clipped ends the range\).*lower"):
+        spec_timesteps(NoiseSchedule.cosine(1000), 50, solver_spec("dpmpp-2m", lambda_min_clipped=3.0))
 
 
 def test_lambda_min_clipped_counts_the_timesteps_below_it():

@@ -51,8 +51,8 @@ from .dataset import ImageDataset
 from .decode import _GRAYSCALE_MODES, decode_images, list_image_files, pil_to_uint8_hwc
 from .prepared import is_prepared, open_prepared
 
-__all__ = ["load_dataset", "load_digits_images", "read_cifar", "read_array_file", "find_cifar_folder",
-           "SOURCES_HINT"]
+__all__ = ["load_dataset", "load_digits_images", "read_cifar", "read_array_file", "array_file_dtype",
+           "find_cifar_folder", "SOURCES_HINT"]
 
 SOURCES_HINT = ("pass 'digits', a folder of images, a .zip of images, a CIFAR-10 batch folder, a .npz/.npy file "
                 "or a folder made by ddpm-fast prepare-data")
