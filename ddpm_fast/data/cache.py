@@ -139,18 +139,12 @@ def _allocate(images_path: Path, shape) -> Path:
     return images_path
 
 
-def _float_source(name: str, dtype) -> FloatSourceError:
-    return FloatSourceError(f"{name} holds {dtype} images: prepared data is uint8, so it stays in memory (pass it "
-                            "to train directly; prepare-data takes 8-bit sources)")
-
-
 def _write_array_source(x_source, name: str, out: Path, image_size, channels, labels=None):
     """uint8 images (a NumPy NHWC array, possibly memory-mapped, or a torch NCHW tensor) converted chunk by
-    chunk into out/images.npy. Returns (labels, shape)."""
+    chunk into out/images.npy (prepare_data refused other dtypes from the file's header). Returns (labels,
+    shape)."""
     is_tensor = isinstance(x_source, torch.Tensor)
     if not is_tensor:
-        if x_source.dtype != np.uint8:
-            raise _float_source(name, x_source.dtype)
         first = array_to_nchw(np.array(x_source[:1]), name, (-1.0, 1.0), numpy_layout=True)
     else:
         first = x_source[:1]
@@ -278,7 +272,8 @@ def prepare_data(source, out=None, *, image_size: int | None = None, channels: i
         # float images are refused from the header, before the lock, the temp folder or reading the data
         dtype, name = array_file_dtype(path, options["array_key"])
         if dtype != np.uint8:
-            raise _float_source(name, dtype)
+            raise FloatSourceError(f"{name} holds {dtype} images: prepared data is uint8, so it stays in memory "
+                                   "(pass it to train directly; prepare-data takes 8-bit sources)")
     # the fingerprint walk (one stat per source file) and the check run before the lock: the ranks of a job
     # that find the cache current then start side by side instead of queueing behind each other's walks
     fingerprint = source_fingerprint(path)
