@@ -31,8 +31,6 @@ FEATURE = "2048"  # pool3, the layer FID is defined on
 NAME = "inception-v3-compat"
 
 
-
-
 def _hub_cache_file() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
 

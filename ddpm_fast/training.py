@@ -200,8 +200,10 @@ class TrainConfig:
         positive_int("fid_samples", 2)
         if self.fid_every and not self.fid_ref:
             raise ValueError("fid_every needs a reference: pass --fid-ref (a statistics .npz from ddpm-fast fid-stats)")
-        for name in ("lr", "grad_clip"):
+        for name in ("lr", "grad_clip", "snr_gamma"):
             v = getattr(self, name)
+            if name == "snr_gamma" and v is None:  # no weighting
+                continue
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a positive number, got {v!r}")
         if not isinstance(self.ema_decay, (int, float)) or not 0.0 <= self.ema_decay < 1.0:
@@ -212,11 +214,6 @@ class TrainConfig:
             raise ValueError(f"lr_decay must be one of {', '.join(map(repr, LR_DECAYS))}, got {self.lr_decay!r}")
         if self.schedule not in ("linear", "cosine"):
             raise ValueError(f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
-        gamma = self.snr_gamma
-        if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float))
-                                  or not (gamma > 0 and math.isfinite(gamma))):
-            raise ValueError(f"snr_gamma must be a positive number (5 in Hang et al.) or None for no weighting, "
-                             f"got {gamma!r}")
         if self.dtype == "bf16" and torch.device(self.device).type != "cuda":
             raise ValueError("dtype 'bf16' (autocast) is for CUDA; use dtype='fp32' on the CPU")
         if not isinstance(self.unet, dict):
