@@ -615,9 +615,10 @@ class _SamplingRun:
                         break
                     t0 = time.perf_counter()
                     # every rank knows every rank's chunk of this round: rank j takes missing[r * world + j]
-                    every = [(c, list(self.chunk(c)) if c is not None else [])
-                             for c in (missing[i] if i < len(missing) else None
-                                       for i in range(r * group.world_size, (r + 1) * group.world_size))]
+                    every = []
+                    for i in range(r * group.world_size, (r + 1) * group.world_size):
+                        c = missing[i] if i < len(missing) else None
+                        every.append((c, list(self.chunk(c)) if c is not None else []))
                     chunk, positions = every[group.rank]
                     pixels = np.zeros((0, *spool_shape(self.model)), np.uint8)
                     if positions:

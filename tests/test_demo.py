@@ -12,6 +12,7 @@ from ddpm_fast.demo import DEFAULT_RECIPE, RECIPES
 from ddpm_fast.solvers import solver_spec
 from ddpm_fast.errors import DDPMFastError
 from ddpm_fast.training import PRESETS, TrainConfig, Trainer, train
+from test_run_gpu import _load  # a script of benchmarks/ as a module
 
 CPU = ["--device", "cpu"]
 SMALL = {"block_out_channels": [8, 16], "norm_num_groups": 4}
@@ -106,20 +107,8 @@ def test_train_cli_takes_the_recipe_options(tmp_path):
     assert (train_cfg["schedule"], train_cfg["snr_gamma"], train_cfg["steps"]) == ("cosine", 5.0, 3)
 
 
-def _bench_script(name: str):
-    """A script of benchmarks/ as a module (benchmarks/ is no package)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_bench_script_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_study_sampler_labels_name_the_clipped_solver():
-    study = _bench_script("demo_study")
+    study = _load("demo_study")
     spec, steps = study._parse_sampler("dpmpp-2m-l3-20")
     assert (spec.name, spec.lambda_min_clipped, steps) == ("dpmpp-2m", -3.0, 20)
     assert study._parse_sampler("ddim-50") == ("ddim", 50)
@@ -133,7 +122,7 @@ def test_demo_wall_times_a_whole_demo_and_reads_its_report(tmp_path):
     """demo_wall.py runs the executable it is given as a user would and keeps the FD and the time report."""
     import sys
 
-    wall = _bench_script("demo_wall")
+    wall = _load("demo_wall")
     fake = tmp_path / "ddpm-fast"
     fake.write_text(f"#!{sys.executable}\n" + '''import sys
 assert sys.argv[1:4] == ["demo", "--seed", "4"] and "--full" in sys.argv
